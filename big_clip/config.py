@@ -1,0 +1,198 @@
+"""The config schema: every key a recipe may set, its type and allowed values.
+
+Recipes in `configs/` start from `base()` and change what they need; `validate()` runs before
+anything is built and turns a misspelled key, a wrong type or an impossible batch/mesh into
+an error that names the key and what is allowed. The schema *is* `base()`: adding a knob
+means adding it here with its default, so it is documented in one place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+# OpenAI CLIP's pixel statistics (Radford et al. 2021), the default normalization.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Keys whose value is a free mapping (any key, values of one type), not a fixed schema.
+FREE_MAPPINGS = {"data.languages": float}
+
+# `config.data.source` is 'embedded' or one of these prefixes followed by a location.
+SOURCE_PREFIXES = ("tfds:", "shards:", "manifest:")
+
+# Keys whose value must be one of a fixed set.
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.activation": ("gelu", "quick_gelu"),
+    "model.image.pool": ("cls", "map", "gap"),
+    "model.text.pool": ("eos", "last", "argmax"),
+    "loss.name": ("softmax", "sigmoid"),
+    "optim.schedule": ("warmup_cosine", "warmup_constant"),
+    "nan_policy": ("stop", "skip"),
+    "mesh.multihost": ("auto", "true", "false"),
+}
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key and the fix."""
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every key with its default. A tiny CPU-sized model unless a recipe says otherwise."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 50  # steps between progress lines / metric writes
+  c.nan_policy = "stop"  # 'stop': raise naming the step; 'skip': drop the update, count it
+
+  c.model = dict(
+      embed_dim=256,  # joint image-text embedding
+      dtype="float32",  # compute dtype; 'bfloat16' on GPU/TPU
+      param_dtype="float32",  # master weights
+      remat=False,  # recompute each block's activations in the backward pass
+      scan_layers=False,  # nnx.scan over blocks: O(1) compile time in depth
+      activation="gelu",  # exact erf GELU as PyTorch nn.GELU; 'quick_gelu' for OpenAI CLIP
+      logit_scale_init=math.log(1 / 0.07),  # CLIP: temperature 0.07
+      logit_scale_max=100.0,
+      logit_bias_init=0.0,  # SigLIP uses -10
+      image=dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072,
+                 pool="cls"),
+      text=dict(vocab_size=32000, max_len=64, width=512, depth=12, heads=8, mlp_dim=2048,
+                pool="eos", eos_id=3, pad_id=0),
+  )
+  c.loss = dict(name="softmax")
+  c.data = dict(
+      source="embedded",
+      global_batch=256,  # examples per step over all hosts
+      image_size=224,  # must equal model.image.image_size
+      max_len=64,  # tokens per caption, must equal model.text.max_len
+      languages={"en": 1.0},  # language -> sampling weight
+      tokenizer=dict(path="", vocab_size=32000),  # path '' = train at first use in the workdir
+      mean=CLIP_MEAN,
+      std=CLIP_STD,
+  )
+  c.optim = dict(
+      lr=1e-3,
+      schedule="warmup_cosine",
+      warmup_steps=100,
+      end_lr_ratio=0.0,  # cosine decays to lr * end_lr_ratio
+      b1=0.9,
+      b2=0.98,  # CLIP's beta2 for stability at large batch
+      eps=1e-6,
+      weight_decay=0.2,
+      clip_norm=1.0,  # global-norm clipping; 0 disables
+      grad_accum_steps=1,  # micro-batches per step; gradients averaged (not a bigger
+                           # contrastive batch: see loss accumulation for that)
+  )
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, multihost="auto")
+  c.checkpoint = dict(every_steps=500, keep=3, use_async=True)
+  c.eval = dict(every_steps=500, zeroshot_tasks=("colour", "shape"), num_images=600,
+                batch_size=200)
+  c.lock()  # no new keys: a misspelled key in a recipe fails where it is written
+  for key in FREE_MAPPINGS:  # ...except inside free mappings (language -> weight)
+    section, name = key.rsplit(".", 1)
+    c[section][name].unlock()
+  return c
+
+
+def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)) and path not in FREE_MAPPINGS:
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for unknown keys, wrong types, bad choices and inconsistent sizes."""
+  schema = _flatten(base())
+  given = _flatten(config)
+  for key, value in given.items():
+    if key not in schema:
+      near = difflib.get_close_matches(key, schema, n=1)
+      hint = f" Did you mean {near[0]!r}?" if near else ""
+      raise ConfigError(f"Unknown config key {key!r}.{hint} Known keys are listed in "
+                        "big_clip/config.py:base().")
+    default = schema[key]
+    if key in FREE_MAPPINGS:
+      if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
+        raise ConfigError(f"config.{key} must be a mapping, got {value!r}.")
+      for k, v in value.items():
+        if not _type_ok(v, FREE_MAPPINGS[key]()):
+          raise ConfigError(f"config.{key}.{k}={v!r}: expected a number.")
+      continue
+    if default is not None and not _type_ok(value, default):
+      raise ConfigError(f"config.{key}={value!r} has type {type(value).__name__}; expected "
+                        f"{type(default).__name__} (default {default!r}).")
+    if key in CHOICES and str(value).lower() not in CHOICES[key]:
+      raise ConfigError(f"config.{key}={value!r}; allowed: {', '.join(CHOICES[key])}.")
+  source = config.data.source
+  if source != "embedded" and not source.startswith(SOURCE_PREFIXES):
+    raise ConfigError(f"config.data.source={source!r}; allowed: 'embedded' or "
+                      f"{', '.join(p + '...' for p in SOURCE_PREFIXES)}.")
+  _validate_consistency(config)
+
+
+def _validate_consistency(c: ml_collections.ConfigDict) -> None:
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(msg)
+
+  need(c.data.image_size == c.model.image.image_size,
+       f"config.data.image_size={c.data.image_size} != config.model.image.image_size="
+       f"{c.model.image.image_size}; set both to the same value.")
+  need(c.data.max_len <= c.model.text.max_len,
+       f"config.data.max_len={c.data.max_len} exceeds config.model.text.max_len="
+       f"{c.model.text.max_len}, the number of text positions.")
+  need(c.model.image.image_size % c.model.image.patch_size == 0,
+       f"config.model.image.image_size={c.model.image.image_size} is not divisible by "
+       f"config.model.image.patch_size={c.model.image.patch_size}.")
+  for tower in ("image", "text"):
+    t = c.model[tower]
+    need(t.width % t.heads == 0, f"config.model.{tower}.width={t.width} is not divisible by "
+         f"config.model.{tower}.heads={t.heads}.")
+  for key in ("total_steps", "log_every"):
+    need(c[key] > 0, f"config.{key}={c[key]} must be positive.")
+  need(c.data.global_batch > 0, "config.data.global_batch must be positive.")
+  need(c.optim.grad_accum_steps >= 1, "config.optim.grad_accum_steps must be >= 1.")
+  need(c.data.global_batch % c.optim.grad_accum_steps == 0,
+       f"config.data.global_batch={c.data.global_batch} is not divisible by "
+       f"config.optim.grad_accum_steps={c.optim.grad_accum_steps}.")
+  need(bool(c.data.languages), "config.data.languages is empty; name at least one language.")
+  need(c.checkpoint.keep >= 1, "config.checkpoint.keep must be >= 1.")
+
+
+def validate_for_mesh(config: ml_collections.ConfigDict, data_parallel: int,
+                      process_count: int) -> None:
+  """Batch sizes that the mesh (data x fsdp devices) and the hosts can split evenly."""
+  micro = config.data.global_batch // config.optim.grad_accum_steps
+  if micro % data_parallel:
+    raise ConfigError(
+        f"config.data.global_batch={config.data.global_batch} (micro-batch {micro} with "
+        f"grad_accum_steps={config.optim.grad_accum_steps}) is not divisible by the "
+        f"data-parallel size {data_parallel} (mesh data x fsdp); use a multiple of "
+        f"{data_parallel}.")
+  if config.data.global_batch % process_count:
+    raise ConfigError(f"config.data.global_batch={config.data.global_batch} is not divisible "
+                      f"by the {process_count} processes.")

@@ -1,0 +1,190 @@
+"""Host-local input pipeline: deterministic, resumable batches of (image, caption tokens).
+
+Example `e` of the stream is a pure function of (seed, e): its image comes from
+`sources.render_example(seed, 'train', e)`, its caption language and template from an rng
+keyed on (seed, e). Step `s` covers examples [s * global_batch, (s + 1) * global_batch);
+host `p` of `P` takes the contiguous slice `s * global_batch + p * local_batch + [0,
+local_batch)`. So hosts are disjoint, their union is the batch a single host would see, and
+the iterator's whole state is the index of the next example.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import concurrent.futures
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import ml_collections
+import numpy as np
+
+from big_clip.data import sources
+
+SOURCES = ("embedded",)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_CAPTION_STREAM = 1  # rng entropy tag: captions get a stream apart from the image's
+
+
+class Tokenizer(Protocol):
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    ...
+
+
+def normalize(images: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
+              std: Sequence[float] = CLIP_STD) -> np.ndarray:
+  """uint8 [..., 3] pixels -> float32 (pixel / 255 - mean) / std, per channel."""
+  mean, std = _mean_std(mean, std)
+  scale = 1.0 / (255.0 * std)
+  # One multiply-add over the batch: (x / 255 - m) / s == x * scale - m / s.
+  return images.astype(np.float32) * scale - mean / std
+
+
+def _mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  if mean.shape != (3,) or std.shape != (3,) or (std <= 0).any():
+    raise ValueError(f"config.data.mean / std must be 3 values each (RGB, in [0, 1] pixel "
+                     f"units), std > 0; got mean={mean.tolist()}, std={std.tolist()}.")
+  return mean, std
+
+
+def language_weights(languages: Mapping[str, float]) -> tuple[tuple[str, ...], np.ndarray]:
+  """(languages, cumulative probabilities) in the canonical order of EMBEDDED_LANGUAGES, so
+  the sampling does not depend on how the config mapping was ordered or serialized."""
+  unknown = sorted(set(languages) - set(sources.EMBEDDED_LANGUAGES))
+  if unknown:
+    raise ValueError(f"config.data.languages names {unknown}, which the embedded dataset "
+                     f"does not have; available: {sources.EMBEDDED_LANGUAGES}.")
+  names = tuple(lang for lang in sources.EMBEDDED_LANGUAGES if lang in languages)
+  weights = np.array([float(languages[lang]) for lang in names], np.float64)
+  if not names or (weights < 0).any() or weights.sum() <= 0:
+    raise ValueError(f"config.data.languages={dict(languages)} needs at least one language "
+                     "and non-negative weights with a positive sum.")
+  return names, np.cumsum(weights / weights.sum())
+
+
+def example(seed: int, index: int, image_size: int, languages: Sequence[str],
+            cumulative: np.ndarray) -> tuple[np.ndarray, str, str]:
+  """(image uint8 [H, W, 3], language, caption) of training example `index`."""
+  image, attrs = sources.render_example(seed, "train", index, image_size)
+  rng = np.random.default_rng([seed, _CAPTION_STREAM, index])
+  lang = languages[min(bisect.bisect_right(cumulative, rng.random()), len(languages) - 1)]
+  return image, lang, sources.caption(attrs, lang, rng)
+
+
+class EmbeddedIterator:
+  """Infinite iterator of host-local batches {'image': float32 [b, H, W, 3] normalized,
+  'text': int32 [b, max_len]} of the embedded dataset, b = global_batch / process_count.
+
+  Batches are built `prefetch` steps ahead on a background thread; since each batch is a
+  pure function of its step, prefetching changes nothing about what is yielded, and
+  `get_state` counts batches handed out, not batches built.
+  """
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, process_index: int,
+               process_count: int, tokenizer: Tokenizer, seed: int, prefetch: int = 2):
+    self._global_batch = int(data_cfg.global_batch)
+    self._local_batch = self._global_batch // process_count
+    self._host_offset = process_index * self._local_batch
+    self._image_size = int(data_cfg.image_size)
+    self._max_len = int(data_cfg.max_len)
+    self._languages, self._cumulative = language_weights(data_cfg.languages)
+    self._mean, self._std = _mean_std(data_cfg.get("mean", CLIP_MEAN),
+                                      data_cfg.get("std", CLIP_STD))
+    self._tokenizer, self._seed = tokenizer, int(seed)
+    self._next_example = 0  # first example of the next batch handed out (global index)
+    self._prefetch = max(0, int(prefetch))
+    self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="big_clip_data")
+                  if self._prefetch else None)
+    self._pending: collections.deque[tuple[int, concurrent.futures.Future]] = (
+        collections.deque())
+
+  def batch_at(self, first_example: int) -> dict[str, np.ndarray]:
+    """This host's part of the global batch that starts at `first_example`."""
+    start = first_example + self._host_offset
+    images, captions = [], []
+    for index in range(start, start + self._local_batch):
+      image, _, text = example(self._seed, index, self._image_size, self._languages,
+                               self._cumulative)
+      images.append(image)
+      captions.append(text)
+    tokens = self._tokenizer.encode(captions)
+    if tokens.shape != (self._local_batch, self._max_len):
+      raise ValueError(f"The tokenizer returned {tokens.shape} tokens for "
+                       f"{self._local_batch} captions; expected max_len={self._max_len} "
+                       "(config.data.max_len must match the tokenizer's max_len).")
+    return {"image": normalize(np.stack(images), self._mean, self._std),
+            "text": tokens.astype(np.int32)}
+
+  def __iter__(self) -> EmbeddedIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    first = self._next_example
+    if self._pool is None:
+      batch = self.batch_at(first)
+    else:
+      if not self._pending or self._pending[0][0] != first:
+        self._drop_pending()
+      self._fill_queue(first)
+      batch = self._pending.popleft()[1].result()
+      self._fill_queue(first + self._global_batch)
+    self._next_example = first + self._global_batch
+    return batch
+
+  def _fill_queue(self, first: int) -> None:
+    """Queues the batches starting at `first` up to `prefetch` ahead."""
+    next_first = self._pending[-1][0] + self._global_batch if self._pending else first
+    while len(self._pending) < self._prefetch:
+      self._pending.append((next_first, self._pool.submit(self.batch_at, next_first)))
+      next_first += self._global_batch
+
+  def _drop_pending(self) -> None:
+    for _, future in self._pending:
+      future.cancel()
+    self._pending.clear()
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serializable position: resuming from it yields exactly the next batches."""
+    return {"next_example": self._next_example, "seed": self._seed}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if "next_example" not in state:
+      raise ValueError(f"Not a data-iterator state (no 'next_example'): {dict(state)}.")
+    if int(state.get("seed", self._seed)) != self._seed:
+      raise ValueError(f"The data state was saved with seed={state['seed']} but this run "
+                       f"uses seed={self._seed}; resume with the same config.seed, or the "
+                       "data order would silently change.")
+    self._drop_pending()
+    self._next_example = int(state["next_example"])
+
+  def close(self) -> None:
+    """Stops the prefetch thread (batches being built finish first)."""
+    self._drop_pending()
+    if self._pool is not None:
+      self._pool.shutdown(wait=True)
+      self._pool = None
+
+  def __del__(self) -> None:
+    if getattr(self, "_pool", None) is not None:
+      self._pool.shutdown(wait=False)
+
+
+def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count: int, *,
+         tokenizer: Tokenizer, seed: int, prefetch: int = 2) -> EmbeddedIterator:
+  """The iterator of `data_cfg.source` that yields this host's slice of every global batch."""
+  if data_cfg.source not in SOURCES:
+    raise ValueError(f"config.data.source={data_cfg.source!r} is not supported yet; allowed: "
+                     f"{SOURCES}.")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  if data_cfg.global_batch % process_count:
+    raise ValueError(f"config.data.global_batch={data_cfg.global_batch} is not divisible by "
+                     f"the {process_count} hosts; use a multiple of {process_count}.")
+  tokenizer_len = getattr(tokenizer, "max_len", data_cfg.max_len)
+  if tokenizer_len != data_cfg.max_len:
+    raise ValueError(f"The tokenizer pads to {tokenizer_len} tokens but config.data.max_len="
+                     f"{data_cfg.max_len}; build the tokenizer with the config's max_len.")
+  return EmbeddedIterator(data_cfg, process_index, process_count, tokenizer, seed, prefetch)

@@ -1,0 +1,149 @@
+"""Sentencepiece tokenizers: train one from text, load it, encode captions to fixed length.
+
+Ids: pad 0, unk 1, bos 2, eos 3 (the text tower pools at the EOS token, CLIP style, and
+masks padding by id 0). Byte fallback means no text ever becomes <unk>: a character the
+model has not seen is spelled as its UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+from absl import logging
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_DEFAULT_FILE = os.path.join("tokenizer", "spm.model")
+
+
+def train_spm(texts: Iterable[str], model_path: str, vocab_size: int,
+              character_coverage: float = 1.0) -> str:
+  """Trains a unigram sentencepiece model on `texts` and writes it atomically to `model_path`.
+
+  `vocab_size` is an upper bound: a small corpus supports fewer pieces, and then the model
+  gets as many as the corpus supports (a warning says so) instead of sentencepiece's
+  "Vocabulary size too high" failure. `character_coverage=1.0` keeps every character of
+  the corpus (right for our caption corpora; use ~0.9995 for large web text, where byte
+  fallback spells the rare characters).
+  """
+  model_path = os.path.abspath(model_path)
+  out_dir = os.path.dirname(model_path)
+  os.makedirs(out_dir, exist_ok=True)
+  # Train under a temporary prefix in the same folder, then rename: a reader (or a second
+  # host) never sees a half-written model, and a crash leaves no broken cache behind.
+  tmp_dir = tempfile.mkdtemp(prefix=".spm_tmp_", dir=out_dir)
+  prefix = os.path.join(tmp_dir, "spm")
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=character_coverage, byte_fallback=True,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        # NFKC folds full-width/compatibility forms (common in CJK text) to one spelling.
+        normalization_rule_name="nmt_nfkc",
+        hard_vocab_limit=False,  # vocab_size is a ceiling, see the docstring
+        num_threads=min(4, os.cpu_count() or 1), minloglevel=2)
+    os.replace(prefix + ".model", model_path)
+    os.replace(prefix + ".vocab", os.path.splitext(model_path)[0] + ".vocab")
+  except RuntimeError as e:
+    raise _explain_training_error(e, vocab_size) from e
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+  pieces = spm.SentencePieceProcessor(model_file=model_path).get_piece_size()
+  if pieces < vocab_size:
+    logging.warning("The corpus supports only %d sentencepiece pieces; trained %d instead of "
+                    "the requested vocab_size=%d (%s).", pieces, pieces, vocab_size, model_path)
+  return model_path
+
+
+def _explain_training_error(error: RuntimeError, vocab_size: int) -> Exception:
+  """Sentencepiece's messages name C++ source lines; say what to change instead."""
+  too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(error))
+  if too_small:
+    return ValueError(
+        f"vocab_size={vocab_size} is too small: the corpus needs {too_small.group(2)} pieces "
+        "(its characters + 256 byte-fallback pieces + 4 special ids). Raise "
+        f"config.data.tokenizer.vocab_size to at least {too_small.group(2)}.")
+  return RuntimeError(f"sentencepiece training failed: {error}")
+
+
+class SpmTokenizer:
+  """Encodes texts to int32 [N, max_len]: pieces, then EOS, then padding with 0."""
+
+  def __init__(self, model_path: str, max_len: int):
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(
+          f"No sentencepiece model at {model_path!r}. Set config.data.tokenizer.path to an "
+          "existing .model file, or leave it empty ('') to train one on the captions at "
+          "first use (cached as <workdir>/tokenizer/spm.model).")
+    if max_len < 2:
+      raise ValueError(f"max_len={max_len} leaves no room for a token and EOS; "
+                       "set config.data.max_len >= 2.")
+    self.model_path, self.max_len = model_path, max_len
+    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() < 0:
+      raise ValueError(
+          f"{model_path}: pad_id={self._sp.pad_id()}, eos_id={self._sp.eos_id()}; big_clip "
+          f"needs pad_id={PAD_ID} and an EOS id. Retrain it with big_clip.data.tokenizers."
+          "train_spm (or tools/train_spm.py).")
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    """int32 [len(texts), max_len]; too-long texts are cut so EOS is always kept last."""
+    if isinstance(texts, str):
+      raise TypeError("encode() takes a sequence of texts; wrap a single text in a list.")
+    tokens = np.full((len(texts), self.max_len), self.pad_id, np.int32)
+    for row, ids in enumerate(self._sp.encode(list(texts))):
+      ids = ids[:self.max_len - 1] + [self.eos_id]
+      tokens[row, :len(ids)] = ids
+    return tokens
+
+  def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]
+             ) -> str | list[str]:
+    """Text of one row of ids (str) or of each row of a 2-D batch (list[str]); stops at
+    EOS and ignores padding."""
+    ids = np.asarray(ids)
+    if ids.ndim == 2:
+      return [self.decode(row) for row in ids]
+    row = ids.tolist()
+    if self.eos_id in row:
+      row = row[:row.index(self.eos_id)]
+    return self._sp.decode([i for i in row if i != self.pad_id])
+
+
+def get_or_train(tok_cfg: ml_collections.ConfigDict, workdir: str,
+                 corpus_fn: Callable[[], list[str]], max_len: int) -> SpmTokenizer:
+  """The tokenizer at `tok_cfg.path`; or, when that is '', the one cached in the workdir,
+  trained on `corpus_fn()` the first time."""
+  if tok_cfg.path:
+    logging.info("Tokenizer: loading %s", tok_cfg.path)
+    return SpmTokenizer(tok_cfg.path, max_len)
+  path = os.path.join(workdir, _DEFAULT_FILE)
+  if os.path.exists(path):
+    tokenizer = SpmTokenizer(path, max_len)
+    logging.info("Tokenizer: reusing %s (%d pieces; delete it to retrain).", path,
+                 tokenizer.vocab_size)
+    return tokenizer
+  texts = corpus_fn()
+  logging.info("Tokenizer: training a sentencepiece model (vocab_size<=%d) on %d texts -> %s",
+               tok_cfg.vocab_size, len(texts), path)
+  train_spm(texts, path, tok_cfg.vocab_size)
+  tokenizer = SpmTokenizer(path, max_len)
+  logging.info("Tokenizer: trained %s with %d pieces.", path, tokenizer.vocab_size)
+  return tokenizer

@@ -1,0 +1,251 @@
+"""Transformer layers shared by the image and text towers, in the OpenAI / HF CLIP layout.
+
+Radford et al. 2021 (CLIP) use a pre-LN transformer (`x + attn(ln_1(x)); x + mlp(ln_2(x))`).
+The parameter layout maps 1:1 onto HF `CLIPEncoderLayer` (separate q/k/v/out projections
+with biases, `fc1`/`fc2`), so export is a rename plus a transpose of each kernel
+(`nnx.Linear.kernel` is `[in, out]`, a torch `Linear.weight` is `[out, in]`).
+
+Every weight names its logical axes (`big_clip.sharding.RULES`); activations are
+constrained by logical name at block boundaries. Nothing here knows about the mesh.
+
+Mixed precision: parameters live in `param_dtype`; matmuls run in `dtype` (nnx.Linear casts
+parameters and inputs); LayerNorm statistics and the attention softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from big_clip import sharding
+
+# Logical names of activations (big_clip.sharding.RULES).
+ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
+ACT_MLP = ("activation_batch", "activation_length", "activation_mlp")
+ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+# nnx.vmap / nnx.scan insert this logical name for the stacked-layers axis of a scanned stack.
+LAYERS_METADATA = {nnx.PARTITION_NAME: "layers"}
+
+DTYPES: Mapping[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
+    # Exact erf GELU, as PyTorch nn.GELU() (open_clip ViT-B-16 etc., HF "gelu").
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    # OpenAI CLIP's sigmoid approximation x * sigmoid(1.702 x) (HF "quick_gelu").
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def choose(value: Any, allowed: Sequence[str] | Mapping[str, Any], key: str) -> Any:
+  """`value` if it is one of `allowed`, else a ValueError naming the config key."""
+  if value not in allowed:
+    raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}.")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """The hyper-parameters a transformer stack needs, read from `config.model`."""
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  dtype: Any = jnp.float32  # compute dtype
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+  scan_layers: bool = False
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, tower: str) -> TransformerConfig:
+    """Reads `config.model.<tower>` and the shared `config.model` fields; validates them."""
+    t = model_cfg[tower]
+    key = f"config.model.{tower}"
+    for name in ("width", "depth", "heads", "mlp_dim"):
+      if int(t[name]) < 1:
+        raise ValueError(f"{key}.{name}={t[name]}; must be a positive integer.")
+    if t.width % t.heads:
+      raise ValueError(f"{key}.width={t.width} is not divisible by {key}.heads={t.heads}; "
+                       f"choose heads that divide the width.")
+    return cls(
+        width=int(t.width), depth=int(t.depth), heads=int(t.heads), mlp_dim=int(t.mlp_dim),
+        activation=choose(model_cfg.activation, ACTIVATIONS, "config.model.activation"),
+        dtype=DTYPES[choose(model_cfg.dtype, DTYPES, "config.model.dtype")],
+        param_dtype=DTYPES[choose(model_cfg.param_dtype, DTYPES, "config.model.param_dtype")],
+        remat=bool(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers))
+
+
+def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int],
+          axes: Sequence[str | None], dtype: Any) -> nnx.Param:
+  """A Param drawn from `init`, carrying logical axis names `axes`."""
+  return nnx.Param(nnx.with_partitioning(init, tuple(axes))(rngs.params(), tuple(shape), dtype))
+
+
+def dense(in_features: int, out_features: int, axes: tuple[str, str], *, std: float,
+          cfg: TransformerConfig, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+  """nnx.Linear with a normal(std) kernel and zero bias, both named by logical axes."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[-1:]), rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm (eps 1e-5, scale and bias, as torch nn.LayerNorm) with float32 statistics."""
+
+  def __init__(self, width: int, cfg: TransformerConfig, eps: float = 1e-5):
+    self.scale = nnx.Param(jnp.ones((width,), cfg.param_dtype), out_sharding=("embed",))
+    self.bias = nnx.Param(jnp.zeros((width,), cfg.param_dtype), out_sharding=("embed",))
+    self.eps = eps
+    self.dtype = cfg.dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+  """fc1 -> activation -> fc2, with biases (HF CLIPMLP).
+
+  open_clip init: fc1 std (2 width)^-0.5, fc2 std width^-0.5 (2 depth)^-0.5.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    w = cfg.width
+    self.fc1 = dense(w, cfg.mlp_dim, ("embed", "mlp"), std=(2 * w) ** -0.5, cfg=cfg, rngs=rngs)
+    self.fc2 = dense(cfg.mlp_dim, w, ("mlp", "embed"), std=w ** -0.5 * (2 * cfg.depth) ** -0.5,
+                     cfg=cfg, rngs=rngs)
+    self.activation = cfg.activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = sharding.constrain(self.fc1(x), ACT_MLP)
+    return self.fc2(ACTIVATIONS[self.activation](h))
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with separate q/k/v/out projections (HF `CLIPAttention` layout).
+
+  Kernels are `[width, width]`; heads are the contiguous `width // heads` column blocks, as in
+  torch (`q.reshape(B, T, heads, head_dim)`). Init follows open_clip: q/k/v std width^-0.5,
+  out std width^-0.5 (2 depth)^-0.5.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    w = cfg.width
+    qkv = functools.partial(dense, w, w, ("embed", "heads"), std=w ** -0.5, cfg=cfg, rngs=rngs)
+    self.q, self.k, self.v = qkv(), qkv(), qkv()
+    self.out = dense(w, w, ("heads", "embed"), std=w ** -0.5 * (2 * cfg.depth) ** -0.5,
+                     cfg=cfg, rngs=rngs)
+    self.heads = cfg.heads
+
+  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
+               causal: bool = False) -> jax.Array:
+    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`)."""
+    kv = x if kv is None else kv
+
+    def split_heads(y):  # [B, T, W] -> [B, T, heads, head_dim]
+      y = y.reshape(*y.shape[:2], self.heads, y.shape[-1] // self.heads)
+      return sharding.constrain(y, ACT_HEADS)
+
+    q, k, v = split_heads(self.q(x)), split_heads(self.k(kv)), split_heads(self.v(kv))
+    # Scale head_dim^-0.5 and a float32 softmax; fused (cuDNN flash) where the backend has it.
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    return self.out(y.reshape(x.shape[:2] + (-1,)))
+
+
+class Block(nnx.Module):
+  """Pre-LN residual block (CLIP): x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.ln_1 = LayerNorm(cfg.width, cfg)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ln_2 = LayerNorm(cfg.width, cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
+    x = x + self.attn(self.ln_1(x), causal=causal)
+    x = x + self.mlp(self.ln_2(x))
+    return sharding.constrain(x, ACT_EMBED)
+
+
+def make_blocks(cfg: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.List | Block:
+  """`cfg.depth` blocks: an nnx.List (`blocks.<i>.…`), or with `scan_layers` one Block whose
+  params are stacked on a leading axis named 'layers' (`blocks.…`, shape `[depth, …]`)."""
+  if not cfg.scan_layers:
+    return nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+
+  @nnx.split_rngs(splits=cfg.depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS_METADATA)
+  def stacked(rngs: nnx.Rngs) -> Block:
+    return Block(cfg, rngs=rngs)
+
+  return stacked(rngs)
+
+
+def apply_blocks(blocks: nnx.List | Block, x: jax.Array, *, remat: bool,
+                 causal: bool = False) -> jax.Array:
+  """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass."""
+  def step(block: Block, x: jax.Array) -> jax.Array:
+    return block(x, causal)
+
+  if remat:
+    step = nnx.remat(step)
+  if isinstance(blocks, Block):  # scanned: one compiled body, weights sliced per layer
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=LAYERS_METADATA)
+    def body(x: jax.Array, block: Block) -> jax.Array:
+      return step(block, x)
+    return body(x, blocks)
+  for block in blocks:
+    x = step(block, x)
+  return x
+
+
+def _blocks_index(path: tuple[Any, ...]) -> int | None:
+  """Position of the layer index in a flat path `(..., 'blocks', i, ...)`, if any."""
+  for i, (a, b) in enumerate(zip(path, path[1:])):
+    if a == "blocks" and isinstance(b, int):
+      return i + 1
+  return None
+
+
+def stack_layers(state: nnx.State) -> nnx.State:
+  """Per-layer params (`blocks.<i>.x`) -> the scanned layout (`blocks.x`, stacked on axis 0).
+
+  Pure data conversion (checkpoint conversion, export, tests): arrays only, no metadata.
+  """
+  groups: dict[tuple[Any, ...], dict[int, Any]] = {}
+  out: dict[tuple[Any, ...], Any] = {}
+  for path, value in nnx.to_flat_state(state):
+    value = value[...] if isinstance(value, nnx.Variable) else value
+    i = _blocks_index(path)
+    if i is None:
+      out[path] = value
+    else:
+      groups.setdefault(path[:i] + path[i + 1:], {})[path[i]] = value
+  for path, layers in groups.items():
+    out[path] = jnp.stack([layers[i] for i in range(len(layers))])
+  return nnx.State.from_flat_path(out)
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+  """The scanned layout (`blocks.x` stacked on axis 0) -> per-layer params (`blocks.<i>.x`)."""
+  out: dict[tuple[Any, ...], Any] = {}
+  for path, value in nnx.to_flat_state(state):
+    value = value[...] if isinstance(value, nnx.Variable) else value
+    if "blocks" in path and _blocks_index(path) is None:
+      i = path.index("blocks") + 1
+      for layer, v in enumerate(value):
+        out[path[:i] + (layer,) + path[i:]] = v
+    else:
+      out[path] = value
+  return nnx.State.from_flat_path(out)

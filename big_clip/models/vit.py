@@ -1,0 +1,101 @@
+"""ViT image tower (Dosovitskiy et al. 2021) in the CLIP layout (Radford et al. 2021).
+
+patches -> patch_embed (a bias-free linear map, i.e. CLIP's stride-p conv) -> [class token]
+-> + positional_embedding -> ln_pre -> blocks -> pool -> ln_post -> proj.
+
+Export note: `patch_embed.kernel` is `[p*p*3, width]` with patch pixels flattened in
+(row, column, channel) order, so the torch conv weight `[width, 3, p, p]` is
+`kernel.reshape(p, p, 3, width).transpose(3, 2, 0, 1)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from big_clip import sharding
+from big_clip.models import layers
+
+POOLS = ("cls", "map", "gap")
+
+
+class MAPHead(nnx.Module):
+  """Multihead attention pooling (big_vision MAPHead; Zhai et al. 2022, SigLIP):
+  a learned probe attends to the tokens, then a residual MLP (HF SiglipMultiheadAttention-
+  PoolingHead: probe, attention, layernorm, mlp)."""
+
+  def __init__(self, cfg: layers.TransformerConfig, *, rngs: nnx.Rngs):
+    self.probe = layers.param(rngs, nnx.initializers.normal(cfg.width ** -0.5),
+                              (1, 1, cfg.width), (None, None, "embed"), cfg.param_dtype)
+    self.attn = layers.Attention(cfg, rngs=rngs)
+    self.ln = layers.LayerNorm(cfg.width, cfg)
+    self.mlp = layers.MLP(cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, N, W] tokens -> [B, W]."""
+    probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    y = self.attn(probe, x)
+    y = y + self.mlp(self.ln(y))
+    return y[:, 0]
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], patches row-major, pixels (row, col, channel)."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class ViT(nnx.Module):
+  """Image tower: `[B, H, W, 3]` normalized images -> unnormalized float32 `[B, embed_dim]`."""
+
+  def __init__(self, model_cfg: Any, *, rngs: nnx.Rngs):
+    c = model_cfg.image
+    self.cfg = cfg = layers.TransformerConfig.from_config(model_cfg, "image")
+    self.pool = layers.choose(c.pool, POOLS, "config.model.image.pool")
+    if c.image_size % c.patch_size:
+      raise ValueError(f"config.model.image.image_size={c.image_size} is not divisible by "
+                       f"config.model.image.patch_size={c.patch_size}.")
+    self.image_size, self.patch_size = int(c.image_size), int(c.patch_size)
+    w, patch_dim = cfg.width, self.patch_size ** 2 * 3
+    num_tokens = (self.image_size // self.patch_size) ** 2 + (self.pool == "cls")
+    normal = nnx.initializers.normal
+    # CLIP's conv1 has no bias; fan-in (LeCun) init as torch's default conv init scale.
+    self.patch_embed = layers.dense(patch_dim, w, ("patch", "embed"), std=patch_dim ** -0.5,
+                                    cfg=cfg, rngs=rngs, use_bias=False)
+    if self.pool == "cls":
+      # CLIP: class_embedding and positional_embedding ~ width^-0.5 * randn.
+      self.class_embedding = layers.param(rngs, normal(w ** -0.5), (w,), ("embed",),
+                                           cfg.param_dtype)
+    self.positional_embedding = layers.param(rngs, normal(w ** -0.5), (num_tokens, w),
+                                             ("length", "embed"), cfg.param_dtype)
+    self.ln_pre = layers.LayerNorm(w, cfg)
+    self.blocks = layers.make_blocks(cfg, rngs=rngs)
+    self.ln_post = layers.LayerNorm(w, cfg)
+    if self.pool == "map":
+      self.head = MAPHead(cfg, rngs=rngs)
+    self.proj = layers.dense(w, int(model_cfg.embed_dim), ("embed", "joint"), std=w ** -0.5,
+                             cfg=cfg, rngs=rngs, use_bias=False)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    b = images.shape[0]
+    chex.assert_shape(images, (b, self.image_size, self.image_size, 3))
+    x = self.patch_embed(patchify(images, self.patch_size))  # [B, N, W]
+    if self.pool == "cls":
+      cls = self.class_embedding[...].astype(x.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, x.shape[-1])), x], axis=1)
+    x = x + self.positional_embedding[...].astype(x.dtype)
+    x = self.ln_pre(sharding.constrain(x, layers.ACT_EMBED))
+    x = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat)
+    if self.pool == "cls":  # CLIP: ln_post on the class token
+      pooled = self.ln_post(x[:, 0])
+    elif self.pool == "gap":  # mean of the patch tokens, then ln_post
+      pooled = self.ln_post(x.astype(jnp.float32).mean(axis=1))
+    else:  # SigLIP (HF SiglipVisionTransformer): post-LN on all tokens, then the MAP head
+      pooled = self.head(self.ln_post(x))
+    return self.proj(pooled).astype(jnp.float32)

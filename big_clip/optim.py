@@ -1,0 +1,51 @@
+"""AdamW with warmup + cosine decay, CLIP's weight-decay exclusions and global-norm clipping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+# Weight decay is applied to weight matrices only (Linear kernels, the token embedding) --
+# chosen by name, not rank, since scanned layers stack LayerNorm scales into [depth, W].
+# Excluded as in CLIP / open_clip: norms, biases, position tables, the class token, the MAP
+# probe and the logit scale/bias (decaying the temperature towards 0 would fight the loss).
+DECAY_LEAF_NAMES = ("kernel", "embedding")
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  if cfg.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.end_lr_ratio)
+  if cfg.schedule == "warmup_constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
+        [cfg.warmup_steps])
+  raise ValueError(f"config.optim.schedule={cfg.schedule!r}; allowed: warmup_cosine, "
+                   "warmup_constant.")
+
+
+def decay_mask(params: Any) -> Any:
+  """True for the parameters that get weight decay: leaves named in DECAY_LEAF_NAMES."""
+
+  def one(path, leaf) -> bool:
+    del leaf
+    last = path[-1]
+    return str(getattr(last, "key", getattr(last, "name", last))) in DECAY_LEAF_NAMES
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                      optax.Schedule]:
+  """The optimizer for `config.optim` and its learning-rate schedule (for logging)."""
+  schedule = learning_rate_schedule(cfg, total_steps)
+  chain = []
+  if cfg.clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*chain), schedule

@@ -1,0 +1,184 @@
+"""The device mesh, logical-axis rules, and placement of parameters and batches.
+
+Only this file and `big_clip/losses/` know about the mesh. Models name their axes logically
+(MaxText style): weights use bare names (`embed`, `mlp`, `heads`, `kv`, `vocab`), activations
+use `activation_*` names; `RULES` maps both onto the mesh axes `data`, `fsdp`, `tensor`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch is split over every data-parallel axis; FSDP is data parallelism whose
+# parameters are also sharded.
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated).
+RULES: tuple[tuple[str, Any], ...] = (
+    # Weights.
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("joint", None),  # the joint image-text embedding dimension
+    ("patch", None),  # flattened patch pixels of the patch embedding
+    ("length", None),  # positions of a position table
+    ("layers", None),  # the stacked-layers axis of nnx.scan
+    # Activations.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_vocab", "tensor"),
+)
+
+
+class MeshError(ValueError):
+  """The requested mesh does not fit the devices."""
+
+
+def mesh_shape(requested: Mapping[str, int], device_count: int) -> dict[str, int]:
+  """Resolves `{data: -1, fsdp: 1, tensor: 1}` against `device_count` (-1 = the rest)."""
+  unknown = set(requested) - set(MESH_AXES)
+  if unknown:
+    raise MeshError(f"config.mesh has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}.")
+  sizes = {a: int(requested.get(a, 1)) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise MeshError(f"config.mesh: at most one axis may be -1, got {free}.")
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise MeshError(f"config.mesh.{bad[0]}={sizes[bad[0]]}: sizes are positive or -1.")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if device_count % fixed:
+      raise MeshError(
+          f"config.mesh {sizes}: the fixed axes multiply to {fixed}, which does not divide "
+          f"the {device_count} devices; choose sizes whose product divides {device_count}.")
+    sizes[free[0]] = device_count // fixed
+  elif fixed != device_count:
+    raise MeshError(
+        f"config.mesh {sizes} needs {fixed} devices but {device_count} are present; "
+        f"set one axis to -1 to take the rest, e.g. --config.mesh.data=-1.")
+  return sizes
+
+
+def make_mesh(requested: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over all (or the given) devices with axes data, fsdp, tensor (GSPMD / Auto)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(requested, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  if devices == list(jax.devices()):
+    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def maybe_initialize_distributed(multihost: str | bool) -> None:
+  """Calls `jax.distributed.initialize()` for multi-host runs.
+
+  `multihost='auto'` initializes when the environment names a coordinator
+  (JAX_COORDINATOR_ADDRESS, or a TPU pod / SLURM / Open MPI environment that JAX
+  auto-detects); True always initializes; False never does.
+  """
+  if multihost == "auto":
+    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+               "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    multihost = any(m in os.environ for m in markers)
+  if multihost:
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
+def logical_to_mesh(logical: Sequence[str | None] | None,
+                    rules: Sequence[tuple[str, Any]] = RULES) -> P:
+  """Maps logical axis names to a mesh PartitionSpec with `rules`."""
+  if logical is None:
+    return P()
+  table = dict(rules)
+  out = []
+  for name in logical:
+    if name is None:
+      out.append(None)
+    elif name in table:
+      out.append(table[name])
+    else:
+      raise KeyError(f"logical axis {name!r} has no rule in big_clip.sharding.RULES; "
+                     f"known: {sorted(table)}.")
+  return P(*out)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh_sizes: Mapping[str, int]) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. a width-96 weight on fsdp=64)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      fitted.append(None)
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    keep = tuple(a for a in names if mesh_sizes[a] > 1)
+    if dim % math.prod(mesh_sizes[a] for a in keep):
+      keep = ()
+    fitted.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+  return P(*fitted)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = RULES) -> Any:
+  """NamedShardings for an nnx.State (or any pytree of Variables) from their logical axes."""
+  logical = nnx.get_partition_spec(abstract_state)  # Variables' `out_sharding` metadata
+
+  def one(var_spec, var_abs):
+    logical_axes = tuple(var_spec) if isinstance(var_spec, P) else None
+    shape = getattr(var_abs, "shape", ())
+    spec = logical_to_mesh(logical_axes, rules) if logical_axes else P()
+    return NamedSharding(mesh, _fit_spec(spec, shape, dict(mesh.shape)))
+
+  leaf = lambda x: isinstance(x, (P, jax.ShapeDtypeStruct)) or x is None
+  return jax.tree.map(one, logical, abstract_state, is_leaf=leaf)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op when no mesh is set (unit tests, eager)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = _fit_spec(logical_to_mesh(logical_axes), x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data and fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def place_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays sharded on the batch axes (multi-host safe)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in host_batch.items()}

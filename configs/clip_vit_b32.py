@@ -1,0 +1,56 @@
+r"""CLIP ViT-B/32 on LAION-400M-style web data: the open_clip recipe on a TPU pod.
+
+Radford et al. 2021 (CLIP) with open_clip's LAION-400M hyper-parameters (Cherti et al. 2023):
+global batch 32k, AdamW lr 5e-4, beta2 0.98, eps 1e-6, weight decay 0.2, 2k warmup steps and
+cosine decay over 32 epochs of 400M samples (~390k steps at 32k).
+
+On a v4-256 / v5e-256 pod (one command on every host; jax.distributed is initialized from
+the TPU environment):
+
+  gcloud compute tpus tpu-vm ssh $TPU --worker=all --command "cd big_clip && \
+    python -m big_clip.train --config configs/clip_vit_b32.py --workdir gs://$BUCKET/clip_b32"
+
+`--config configs/clip_vit_b32.py:local` shrinks it to run on a laptop CPU for a smoke test.
+"""
+
+from big_clip import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  c = config_lib.base()
+  c.seed = 0
+  c.total_steps = 390_000  # 12.8B samples seen at 32k
+  c.log_every = 100
+
+  c.model.update(embed_dim=512, dtype="bfloat16", remat=True, scan_layers=True,
+                 activation="gelu")
+  c.model.image.update(image_size=224, patch_size=32, width=768, depth=12, heads=12,
+                       mlp_dim=3072, pool="cls")
+  c.model.text.update(vocab_size=32000, max_len=77, width=512, depth=12, heads=8,
+                      mlp_dim=2048, pool="eos")
+
+  c.loss.name = "softmax"
+  c.data.update(source="shards:gs://YOUR_BUCKET/laion400m/{00000..41407}.tar",
+                global_batch=32768, image_size=224, max_len=77, languages={"en": 1.0})
+  # An English sentencepiece model trained with tools/train_spm.py on a caption sample.
+  c.data.tokenizer.update(path="gs://YOUR_BUCKET/tokenizers/spm_en_32k.model",
+                          vocab_size=32000)
+
+  c.optim.update(lr=5e-4, warmup_steps=2000, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6,
+                 clip_norm=1.0)
+  # FSDP over all chips: params and Adam moments are sharded 256 ways, the batch too.
+  c.mesh.update(data=1, fsdp=-1, tensor=1, multihost="auto")
+  c.checkpoint.update(every_steps=2000, keep=3, use_async=True)
+  c.eval.update(every_steps=10_000)
+
+  if arg == "local":
+    c.total_steps = 10
+    c.model.update(dtype="float32", remat=False)
+    c.model.image.update(image_size=64, depth=2)
+    c.model.text.update(depth=2, max_len=32, vocab_size=1024)
+    c.data.update(source="embedded", global_batch=8, image_size=64, max_len=32)
+    c.data.tokenizer.update(path="", vocab_size=1024)
+    c.mesh.update(data=-1, fsdp=1)
+  elif arg:
+    raise ValueError(f"configs/clip_vit_b32.py: unknown argument {arg!r}; allowed: local.")
+  return c

@@ -1,0 +1,55 @@
+r"""SigLIP ViT-B/16 on WebLI/LAION-style data: the sigmoid loss at 32k batch on a TPU pod.
+
+Zhai et al. 2023 (SigLIP): sigmoid loss with learnable temperature (init log 10) and bias
+(init -10), MAP-head pooling in the image tower, last-token text pooling, Adam beta2 0.95,
+lr 1e-3, weight decay 1e-4, global batch 32k.
+
+  gcloud compute tpus tpu-vm ssh $TPU --worker=all --command "cd big_clip && \
+    python -m big_clip.train --config configs/siglip_vit_b16.py --workdir gs://$BUCKET/siglip"
+
+`--config configs/siglip_vit_b16.py:local` shrinks it to run on a laptop CPU.
+"""
+
+import math
+
+from big_clip import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  c = config_lib.base()
+  c.seed = 0
+  c.total_steps = 300_000  # ~9B samples seen at 32k
+  c.log_every = 100
+
+  c.model.update(embed_dim=768, dtype="bfloat16", remat=True, scan_layers=True,
+                 logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
+  c.model.image.update(image_size=224, patch_size=16, width=768, depth=12, heads=12,
+                       mlp_dim=3072, pool="map")
+  c.model.text.update(vocab_size=32000, max_len=64, width=768, depth=12, heads=12,
+                      mlp_dim=3072, pool="last")
+
+  c.loss.name = "sigmoid"
+  c.data.update(source="shards:gs://YOUR_BUCKET/laion400m/{00000..41407}.tar",
+                global_batch=32768, image_size=224, max_len=64, languages={"en": 1.0})
+  c.data.tokenizer.update(path="gs://YOUR_BUCKET/tokenizers/spm_en_32k.model",
+                          vocab_size=32000)
+  # SigLIP trains on [-1, 1] pixels.
+  c.data.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+  c.optim.update(lr=1e-3, warmup_steps=5000, weight_decay=1e-4, b1=0.9, b2=0.95, eps=1e-8,
+                 clip_norm=1.0)
+  c.mesh.update(data=1, fsdp=-1, tensor=1, multihost="auto")
+  c.checkpoint.update(every_steps=2000, keep=3, use_async=True)
+  c.eval.update(every_steps=10_000)
+
+  if arg == "local":
+    c.total_steps = 10
+    c.model.update(dtype="float32", remat=False)
+    c.model.image.update(image_size=64, depth=2)
+    c.model.text.update(depth=2, max_len=32, vocab_size=1024)
+    c.data.update(source="embedded", global_batch=8, image_size=64, max_len=32)
+    c.data.tokenizer.update(path="", vocab_size=1024)
+    c.mesh.update(data=-1, fsdp=1)
+  elif arg:
+    raise ValueError(f"configs/siglip_vit_b16.py: unknown argument {arg!r}; allowed: local.")
+  return c

@@ -1,0 +1,112 @@
+"""Config schema and validation: every recipe builds; bad configs name the key and the fix."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from big_clip import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_there_are_recipes():
+  names = {os.path.basename(p) for p in CONFIG_FILES}
+  assert {"default.py", "clip_vit_b32.py", "siglip_vit_b16.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_in_configs_builds_and_validates(path):
+  config = load(path)
+  config_lib.validate(config)
+  assert config.model.image.image_size == config.data.image_size
+  # The docstring carries the launch command.
+  with open(path) as f:
+    assert "python -m big_clip.train --config" in f.read()
+
+
+def test_pod_recipes_have_the_advertised_sizes():
+  for name, loss in [("clip_vit_b32.py", "softmax"), ("siglip_vit_b16.py", "sigmoid")]:
+    c = load(os.path.join(ROOT, "configs", name))
+    assert c.data.global_batch == 32768
+    assert c.loss.name == loss
+    assert c.optim.schedule == "warmup_cosine" and c.optim.warmup_steps > 0
+    assert c.mesh.fsdp == -1
+
+
+def test_misspelled_key_in_a_recipe_fails_where_it_is_written():
+  c = config_lib.base()
+  with pytest.raises(AttributeError, match="lerning_rate"):
+    c.optim.lerning_rate = 1e-3
+
+
+def test_unknown_key_names_the_key_and_a_suggestion():
+  c = config_lib.base()
+  with c.unlocked():
+    c.optim.warmup_step = 10
+  with pytest.raises(config_lib.ConfigError, match=r"optim\.warmup_step.*optim\.warmup_steps"):
+    config_lib.validate(c)
+
+
+def test_wrong_type_names_the_key_and_the_expected_type():
+  # ml_collections refuses the assignment on a recipe built from base() ...
+  with pytest.raises(TypeError, match="global_batch"):
+    config_lib.base().data.global_batch = "big"
+  # ... and validate() catches it in a config built some other way (e.g. from a dict).
+  d = config_lib.base().to_dict()
+  d["data"]["global_batch"] = "big"
+  with pytest.raises(config_lib.ConfigError, match=r"data\.global_batch.*expected int"):
+    config_lib.validate(ml_collections.ConfigDict(d))
+
+
+def test_bad_choice_lists_the_allowed_values():
+  c = config_lib.base()
+  c.loss.name = "triplet"
+  with pytest.raises(config_lib.ConfigError, match=r"loss\.name.*softmax, sigmoid"):
+    config_lib.validate(c)
+
+
+def test_languages_is_a_free_mapping_of_weights():
+  c = config_lib.base()
+  c.data.languages = {"en": 1.0, "sw": 0.5}
+  config_lib.validate(c)
+  c.data.languages["xx"] = "lots"
+  with pytest.raises(config_lib.ConfigError, match=r"data\.languages\.xx"):
+    config_lib.validate(c)
+
+
+def test_inconsistent_image_size_is_named():
+  c = config_lib.base()
+  c.data.image_size = 64
+  with pytest.raises(config_lib.ConfigError, match=r"data\.image_size=64.*model\.image\.image_size"):
+    config_lib.validate(c)
+
+
+def test_batch_not_divisible_by_data_parallel_size_is_named():
+  c = config_lib.base()
+  c.data.global_batch = 100
+  with pytest.raises(config_lib.ConfigError, match=r"global_batch=100.*data-parallel size 8"):
+    config_lib.validate_for_mesh(c, data_parallel=8, process_count=1)
+  c.data.global_batch = 96
+  config_lib.validate_for_mesh(c, data_parallel=8, process_count=1)
+
+
+def test_command_line_override_of_unknown_key_is_an_error():
+  # absl config_flags refuses keys that are not in the locked config.
+  cmd = [sys.executable, "-m", "big_clip.train", "--config", "configs/default.py",
+         "--workdir", "/tmp/never_used", "--config.optim.lrr=1"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "lrr" in out.stderr

@@ -1,0 +1,211 @@
+"""The contrastive losses equal their full-batch float64 definitions on every mesh.
+
+References are written plainly in NumPy (float64) with hand-derived gradients; the JAX
+losses run in float32 on the 8 fake CPU devices of conftest.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from big_clip import losses, sharding
+from big_clip.losses import sigmoid, softmax
+
+GLOBAL_BATCH, DIM = 32, 16  # DIM differs from every B_local / B_global used below
+SCALE, BIAS = 10.0, -3.0
+MESH_SHAPES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
+# Edge cases: a ring of two shards (no scan step) and of one, the batch on 4 / 8 replicas.
+EDGE_MESH_SHAPES = {"1x2x4": (1, 2, 4), "1x1x8": (1, 1, 8)}
+LOSSES = {"softmax": softmax.loss, "sigmoid": sigmoid.loss}
+
+
+def _normalized(rng: np.random.Generator, batch: int = GLOBAL_BATCH) -> np.ndarray:
+  x = rng.normal(size=(batch, DIM))
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+RNG = np.random.default_rng(0)
+IMG, TXT = _normalized(RNG), _normalized(RNG)  # float64 [B, D]
+
+
+def _mesh(name: str) -> Mesh:
+  shape = {**MESH_SHAPES, **EDGE_MESH_SHAPES}[name]
+  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+
+
+# --------------------------------------------------------------------------------------
+# Float64 references: value and analytic gradients w.r.t. (img, txt, scale, bias).
+# With z = s * X Y^T + b and G = dL/dz: dX = s G Y, dY = s G^T X, ds = <G, X Y^T>,
+# db = sum(G).
+# --------------------------------------------------------------------------------------
+
+
+def _grads_from_dz(x, y, s, g):
+  return s * g @ y, s * g.T @ x, np.sum(g * (x @ y.T)), np.sum(g)
+
+
+def _softmax_reference(x, y, s, b):
+  n = len(x)
+  z = s * x @ y.T + b
+  p_rows = np.exp(z - z.max(1, keepdims=True))
+  p_rows /= p_rows.sum(1, keepdims=True)  # softmax over texts, per image
+  p_cols = np.exp(z - z.max(0, keepdims=True))
+  p_cols /= p_cols.sum(0, keepdims=True)  # softmax over images, per text
+  value = -(np.trace(np.log(p_rows)) + np.trace(np.log(p_cols))) / (2 * n)
+  eye = np.eye(n)
+  dz = ((p_rows - eye) + (p_cols - eye)) / (2 * n)
+  return value, _grads_from_dz(x, y, s, dz)
+
+
+def _sigmoid_reference(x, y, s, b):
+  n = len(x)
+  labels = 2 * np.eye(n) - 1
+  z = s * x @ y.T + b
+  value = np.sum(np.logaddexp(0, -labels * z)) / n  # -log_sigmoid(l z) = softplus(-l z)
+  dz = -labels / (1 + np.exp(labels * z)) / n  # d softplus(-l z) / dz = -l sigmoid(-l z)
+  return value, _grads_from_dz(x, y, s, dz)
+
+
+REFERENCES = {"softmax": _softmax_reference, "sigmoid": _sigmoid_reference}
+
+
+def _assert_close(actual, expected):
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Value and gradients.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mesh_name", [None, *MESH_SHAPES, *EDGE_MESH_SHAPES])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_value_and_grads_match_float64_full_batch(loss_name, mesh_name):
+  mesh = None if mesh_name is None else _mesh(mesh_name)
+  img, txt = IMG.astype(np.float32), TXT.astype(np.float32)
+  if mesh is not None:
+    img, txt = (jax.device_put(e, sharding.batch_sharding(mesh)) for e in (img, txt))
+  loss_fn = lambda i, t, s, b: LOSSES[loss_name](i, t, s, b, mesh=mesh)
+
+  value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)))(
+      img, txt, jnp.float32(SCALE), jnp.float32(BIAS))
+
+  expected_value, expected_grads = REFERENCES[loss_name](IMG, TXT, SCALE, BIAS)
+  assert value.shape == () and value.dtype == jnp.float32
+  _assert_close(value, expected_value)
+  for name, grad, expected in zip(("img", "txt", "scale", "bias"), grads, expected_grads):
+    assert grad.shape == np.shape(expected), name
+    _assert_close(grad, expected)
+  if mesh is not None:  # the gradient comes back laid out like the embeddings
+    assert grads[0].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
+
+
+def test_softmax_bias_is_optional_and_does_not_change_the_loss():
+  mesh = _mesh("2x4x1")
+  without = softmax.loss(IMG, TXT, SCALE, mesh=mesh)
+  _assert_close(without, _softmax_reference(IMG, TXT, SCALE, 0.0)[0])
+  _assert_close(without, _softmax_reference(IMG, TXT, SCALE, BIAS)[0])
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_bfloat16_embeddings_are_computed_in_float32(loss_name):
+  img, txt = (jnp.asarray(e, jnp.bfloat16) for e in (IMG, TXT))
+  value = LOSSES[loss_name](img, txt, SCALE, BIAS, mesh=_mesh("2x2x2"))
+  assert value.dtype == jnp.float32
+  # Exact up to float32 rounding on the bfloat16 values: no bfloat16 arithmetic inside.
+  as_f64 = lambda e: np.asarray(e.astype(jnp.float32), np.float64)
+  _assert_close(value, REFERENCES[loss_name](as_f64(img), as_f64(txt), SCALE, BIAS)[0])
+
+
+# --------------------------------------------------------------------------------------
+# Memory: the sharded loss never builds a B_global x B_global array.
+# --------------------------------------------------------------------------------------
+
+
+def _equations(jaxpr, per_device: bool = False):
+  """(equation, per_device) for a jaxpr and every jaxpr nested in it (shard_map, scan,
+  remat, ...); `per_device` is True inside a shard_map, where shapes are per device."""
+  for eqn in jaxpr.eqns:
+    yield eqn, per_device
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _equations(sub, per_device or eqn.primitive.name == "shard_map")
+
+
+@pytest.mark.parametrize("mesh_name", MESH_SHAPES)
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_sharded_loss_and_grads_never_build_a_global_square(loss_name, mesh_name):
+  mesh = _mesh(mesh_name)
+  local_batch = GLOBAL_BATCH // sharding.data_parallel_size(mesh)
+  loss_fn = lambda i, t, s, b: LOSSES[loss_name](i, t, s, b, mesh=mesh)
+  emb = jax.ShapeDtypeStruct((GLOBAL_BATCH, DIM), jnp.float32)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)))(
+      emb, emb, scalar, scalar).jaxpr
+
+  eqns = list(_equations(jaxpr))
+  assert any(per_device for _, per_device in eqns), "the loss did not use shard_map"
+  dot_shapes = {(v.aval.shape, per_device) for e, per_device in eqns
+                if e.primitive.name == "dot_general" for v in e.outvars}
+  assert all(per_device for _, per_device in dot_shapes), "a dot outside shard_map"
+  # Products with a feature dimension are gradients ([b, D], [B, D]); the rest are logits.
+  logits_shapes = {s for s, _ in dot_shapes if DIM not in s}
+  expected = {"softmax": (local_batch, GLOBAL_BATCH),
+              "sigmoid": (local_batch, local_batch)}[loss_name]
+  assert logits_shapes == {expected}, dot_shapes
+  largest_per_device = max(np.prod(v.aval.shape) for e, per_device in eqns if per_device
+                           for v in e.outvars if hasattr(v.aval, "shape"))
+  assert largest_per_device < GLOBAL_BATCH**2
+
+
+# --------------------------------------------------------------------------------------
+# Errors name the problem.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("img, txt, scale, message", [
+    (IMG, TXT[:, :8], SCALE, r"same \[batch, dim\]"),
+    (IMG, TXT[:16], SCALE, r"same \[batch, dim\]"),
+    (IMG[0], TXT[0], SCALE, r"img_emb must be \[batch, dim\]"),
+    (IMG, TXT, np.ones(2), r"scale must be a scalar"),
+    (IMG[:30], TXT[:30], SCALE, r"global batch 30 is not divisible by the data-parallel "
+     r"size 8"),
+])
+def test_invalid_inputs_raise_value_errors_naming_the_problem(loss_name, img, txt, scale,
+                                                               message):
+  with pytest.raises(ValueError, match=message):
+    LOSSES[loss_name](img, txt, scale, BIAS, mesh=_mesh("2x4x1"))
+
+
+def test_mesh_without_batch_axes_is_rejected():
+  mesh = Mesh(np.asarray(jax.devices()), ("batch",))
+  with pytest.raises(ValueError, match=r"lacks the batch axes \['data', 'fsdp'\]"):
+    softmax.loss(IMG, TXT, SCALE, mesh=mesh)
+
+
+def test_sigmoid_requires_a_bias():
+  with pytest.raises(ValueError, match="bias is required"):
+    sigmoid.loss(IMG, TXT, SCALE, None)
+
+
+# --------------------------------------------------------------------------------------
+# Registry.
+# --------------------------------------------------------------------------------------
+
+
+def test_get_returns_each_loss_by_name():
+  assert losses.get("softmax") is softmax.loss
+  assert losses.get("sigmoid") is sigmoid.loss
+
+
+def test_get_unknown_name_names_the_config_key_and_the_choices():
+  with pytest.raises(ValueError, match=r"config.loss.name='clip'.*'softmax', 'sigmoid'"):
+    losses.get("clip")
