@@ -40,9 +40,8 @@ class Language:
   # number): weak captions close to what zero-shot prompts say, so a prompt naming one
   # attribute lands near the images.
   partial: Callable[[Scene], tuple[str, str]]
-  # The shape noun alone, in the scene's number ("circles."): alt-text-like captions whose
-  # text embedding is dominated by the shape word from the first step, so the image tower
-  # gets a shape target before it has learned anything else (colour is learned anyway).
+  # The shape noun alone, in the scene's number ("circles."): an alt-text-like caption whose
+  # text embedding depends on the shape word alone, a clear shape target from step 0.
   bare_shape: Callable[[Scene], str]
   colour_names: tuple[str, ...]
   colour_templates: tuple[str, ...]
