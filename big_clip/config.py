@@ -101,6 +101,21 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def shrink_for_local(c: ml_collections.ConfigDict) -> None:
+  """Turns a pod recipe into a 10-step CPU smoke run on the embedded data, in place.
+
+  Keeps the recipe's architecture family (pooling, loss, widths) so that `:local` still
+  exercises the same code paths, just shallow, small and in float32.
+  """
+  c.total_steps = 10
+  c.model.update(dtype="float32", remat=False)
+  c.model.image.update(image_size=64, depth=2)
+  c.model.text.update(depth=2, max_len=32, vocab_size=1024)
+  c.data.update(source="embedded", global_batch=8, image_size=64, max_len=32)
+  c.data.tokenizer.update(path="", vocab_size=1024)
+  c.mesh.update(data=-1, fsdp=1)
+
+
 def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in cfg.items():

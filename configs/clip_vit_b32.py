@@ -44,13 +44,7 @@ def get_config(arg: str | None = None):
   c.eval.update(every_steps=10_000)
 
   if arg == "local":
-    c.total_steps = 10
-    c.model.update(dtype="float32", remat=False)
-    c.model.image.update(image_size=64, depth=2)
-    c.model.text.update(depth=2, max_len=32, vocab_size=1024)
-    c.data.update(source="embedded", global_batch=8, image_size=64, max_len=32)
-    c.data.tokenizer.update(path="", vocab_size=1024)
-    c.mesh.update(data=-1, fsdp=1)
+    config_lib.shrink_for_local(c)
   elif arg:
     raise ValueError(f"configs/clip_vit_b32.py: unknown argument {arg!r}; allowed: local.")
   return c

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from big_clip import config as config_lib
@@ -110,3 +111,18 @@ def test_command_line_override_of_unknown_key_is_an_error():
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "lrr" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["clip_vit_b32.py", "siglip_vit_b16.py"])
+def test_pod_recipes_train_two_steps_locally(name, tmp_path):
+  """`:local` keeps the recipe's architecture (pooling, loss) and actually trains."""
+  from big_clip import train
+
+  config = load(os.path.join(ROOT, "configs", name), "local")
+  config.total_steps = 2
+  config.eval.num_images = 16
+  result = train.train(config, str(tmp_path))
+  assert result["step"] == 2
+  assert np.isfinite(result["metrics"]["loss"])
+  assert os.path.exists(tmp_path / "checkpoints" / "2")
