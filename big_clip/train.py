@@ -98,9 +98,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     model = nnx.merge(graphdef, params)
     img_emb, txt_emb = model(batch["image"], batch["text"])
     scale, bias = model.scale_and_bias()
-    # CLIP's softmax is invariant to a shared logit bias: leave it out so it stays at init.
-    loss_bias = bias if config.loss.name == "sigmoid" else None
-    return loss_fn(img_emb, txt_emb, scale, loss_bias, mesh=mesh), (scale, bias)
+    return loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh), (scale, bias)
 
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 

@@ -24,7 +24,7 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
       loss = 1/(2B) * sum_i [(logsumexp_j z_ij - z_ii) + (logsumexp_j z_ji - z_ii)]
 
   over the global batch B. A bias adds the same constant to every logit, so it leaves the
-  loss unchanged (its gradient is 0); it is accepted so every loss shares one signature.
+  loss unchanged; it is accepted (and not used) so every loss shares one signature.
 
   Args:
     img_emb: `[B, D]` L2-normalized image embeddings, batch split over ('data', 'fsdp').
@@ -37,8 +37,10 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
     The float32 scalar loss, replicated.
   """
   losses.check_inputs("softmax", img_emb, txt_emb, scale, bias, mesh)
+  # The bias cancels inside every cross-entropy: leave it out of the computation, so its
+  # gradient is exactly 0 (not float32 rounding noise) and a model's logit_bias stays put.
   return losses.on_batch_shards(_summed_cross_entropies, mesh,
-                                *losses.as_float32(img_emb, txt_emb, scale, bias))
+                                *losses.as_float32(img_emb, txt_emb, scale, None))
 
 
 def _summed_cross_entropies(img: jax.Array, txt: jax.Array, scale: jax.Array,
