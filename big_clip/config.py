@@ -24,14 +24,16 @@ FREE_MAPPINGS = {"data.languages": float}
 
 # `config.data.source` is 'embedded' or one of these prefixes followed by a location.
 SOURCE_PREFIXES = ("tfds:", "shards:", "manifest:")
+# `config.init_from` is '' or one of these prefixes followed by a location.
+INIT_PREFIXES = ("hf:", "open_clip:", "big_clip:")
 
 # Keys whose value must be one of a fixed set.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.activation": ("gelu", "quick_gelu"),
+    "model.activation": ("gelu", "quick_gelu", "gelu_tanh"),
     "model.image.pool": ("cls", "map", "gap"),
-    "model.text.pool": ("eos", "last", "argmax"),
+    "model.text.pool": ("eos", "last", "argmax", "final"),
     "loss.name": ("softmax", "sigmoid"),
     "optim.schedule": ("warmup_cosine", "warmup_constant"),
     "nan_policy": ("stop", "skip"),
@@ -66,6 +68,17 @@ def base() -> ml_collections.ConfigDict:
       text=dict(vocab_size=32000, max_len=64, width=512, depth=12, heads=8, mlp_dim=2048,
                 pool="eos", eos_id=3, pad_id=0),
   )
+  # Architecture switches for exact CLIP / SigLIP layouts (big_clip/export.py maps them to
+  # Hugging Face and open_clip); the defaults are OpenAI CLIP's.
+  c.model.ln_eps = 1e-5  # every LayerNorm; SigLIP uses 1e-6
+  c.model.image.ln_pre = True  # LayerNorm before the blocks (CLIP); SigLIP has none
+  c.model.image.proj = True  # linear map to embed_dim; False (SigLIP): embed_dim == width
+  c.model.text.causal = True  # causal self-attention (CLIP); SigLIP attends both ways
+  c.model.text.proj_bias = False  # SigLIP's text head has a bias
+  # Start from pretrained weights when the workdir has no checkpoint (fine-tuning):
+  # 'hf:PATH' (a save_pretrained folder), 'open_clip:PATH' (open_clip_config.json +
+  # a state dict) or 'big_clip:WORKDIR[:STEP]'. '' = random init.
+  c.init_from = ""
   c.loss = dict(name="softmax")
   c.data = dict(
       source="embedded",
@@ -166,6 +179,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if source != "embedded" and not source.startswith(SOURCE_PREFIXES):
     raise ConfigError(f"config.data.source={source!r}; allowed: 'embedded' or "
                       f"{', '.join(p + '...' for p in SOURCE_PREFIXES)}.")
+  if config.init_from and not config.init_from.startswith(INIT_PREFIXES):
+    raise ConfigError(f"config.init_from={config.init_from!r}; allowed: '' or "
+                      f"{', '.join(p + 'PATH' for p in INIT_PREFIXES)}.")
   _validate_consistency(config)
 
 
@@ -187,6 +203,10 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
     t = c.model[tower]
     need(t.width % t.heads == 0, f"config.model.{tower}.width={t.width} is not divisible by "
          f"config.model.{tower}.heads={t.heads}.")
+  need(c.model.ln_eps > 0, f"config.model.ln_eps={c.model.ln_eps} must be positive.")
+  need(c.model.image.proj or c.model.embed_dim == c.model.image.width,
+       f"config.model.image.proj=False needs config.model.embed_dim={c.model.embed_dim} equal "
+       f"to config.model.image.width={c.model.image.width}.")
   for key in ("total_steps", "log_every"):
     need(c[key] > 0, f"config.{key}={c[key]} must be positive.")
   need(c.data.global_batch > 0, "config.data.global_batch must be positive.")

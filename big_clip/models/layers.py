@@ -38,6 +38,8 @@ ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     # OpenAI CLIP's sigmoid approximation x * sigmoid(1.702 x) (HF "quick_gelu").
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    # The tanh approximation (SigLIP / big_vision; HF "gelu_pytorch_tanh").
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
 
 
@@ -60,6 +62,7 @@ class TransformerConfig:
   param_dtype: Any = jnp.float32
   remat: bool = False
   scan_layers: bool = False
+  ln_eps: float = 1e-5  # every LayerNorm of the tower (torch/CLIP 1e-5, SigLIP 1e-6)
 
   @classmethod
   def from_config(cls, model_cfg: Any, tower: str) -> TransformerConfig:
@@ -77,7 +80,8 @@ class TransformerConfig:
         activation=choose(model_cfg.activation, ACTIVATIONS, "config.model.activation"),
         dtype=DTYPES[choose(model_cfg.dtype, DTYPES, "config.model.dtype")],
         param_dtype=DTYPES[choose(model_cfg.param_dtype, DTYPES, "config.model.param_dtype")],
-        remat=bool(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers))
+        remat=bool(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers),
+        ln_eps=float(model_cfg.get("ln_eps", 1e-5)))
 
 
 def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int],
@@ -97,12 +101,13 @@ def dense(in_features: int, out_features: int, axes: tuple[str, str], *, std: fl
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm (eps 1e-5, scale and bias, as torch nn.LayerNorm) with float32 statistics."""
+  """LayerNorm (eps `cfg.ln_eps`, scale and bias, as torch nn.LayerNorm) with float32
+  statistics."""
 
-  def __init__(self, width: int, cfg: TransformerConfig, eps: float = 1e-5):
+  def __init__(self, width: int, cfg: TransformerConfig, eps: float | None = None):
     self.scale = nnx.Param(jnp.ones((width,), cfg.param_dtype), out_sharding=("embed",))
     self.bias = nnx.Param(jnp.zeros((width,), cfg.param_dtype), out_sharding=("embed",))
-    self.eps = eps
+    self.eps = cfg.ln_eps if eps is None else eps
     self.dtype = cfg.dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -74,13 +74,23 @@ class ViT(nnx.Module):
                                            cfg.param_dtype)
     self.positional_embedding = layers.param(rngs, normal(w ** -0.5), (num_tokens, w),
                                              ("length", "embed"), cfg.param_dtype)
-    self.ln_pre = layers.LayerNorm(w, cfg)
+    # SigLIP (big_vision ViT) has no LayerNorm before the blocks: `image.ln_pre=False`.
+    self.use_ln_pre = bool(c.get("ln_pre", True))
+    if self.use_ln_pre:
+      self.ln_pre = layers.LayerNorm(w, cfg)
     self.blocks = layers.make_blocks(cfg, rngs=rngs)
     self.ln_post = layers.LayerNorm(w, cfg)
     if self.pool == "map":
       self.head = MAPHead(cfg, rngs=rngs)
-    self.proj = layers.dense(w, int(model_cfg.embed_dim), ("embed", "joint"), std=w ** -0.5,
-                             cfg=cfg, rngs=rngs, use_bias=False)
+    # SigLIP's image embedding is the pooled feature itself (no head): `image.proj=False`.
+    self.use_proj = bool(c.get("proj", True))
+    if self.use_proj:
+      self.proj = layers.dense(w, int(model_cfg.embed_dim), ("embed", "joint"), std=w ** -0.5,
+                               cfg=cfg, rngs=rngs, use_bias=False)
+    elif w != int(model_cfg.embed_dim):
+      raise ValueError(f"config.model.image.proj=False needs config.model.embed_dim="
+                       f"{model_cfg.embed_dim} equal to config.model.image.width={w}; "
+                       "set them equal or enable the projection.")
 
   def __call__(self, images: jax.Array) -> jax.Array:
     b = images.shape[0]
@@ -90,7 +100,9 @@ class ViT(nnx.Module):
       cls = self.class_embedding[...].astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, x.shape[-1])), x], axis=1)
     x = x + self.positional_embedding[...].astype(x.dtype)
-    x = self.ln_pre(sharding.constrain(x, layers.ACT_EMBED))
+    x = sharding.constrain(x, layers.ACT_EMBED)
+    if self.use_ln_pre:
+      x = self.ln_pre(x)
     x = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat)
     if self.pool == "cls":  # CLIP: ln_post on the class token
       pooled = self.ln_post(x[:, 0])
@@ -98,4 +110,4 @@ class ViT(nnx.Module):
       pooled = self.ln_post(x.astype(jnp.float32).mean(axis=1))
     else:  # SigLIP (HF SiglipVisionTransformer): post-LN on all tokens, then the MAP head
       pooled = self.head(self.ln_post(x))
-    return self.proj(pooled).astype(jnp.float32)
+    return (self.proj(pooled) if self.use_proj else pooled).astype(jnp.float32)
