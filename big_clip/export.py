@@ -283,7 +283,7 @@ def place_like(params: Mapping[str, Any], like: Any) -> Any:
 def _save_safetensors(state: Mapping[str, np.ndarray], path: str, fmt: str) -> None:
   from safetensors.numpy import save_file
 
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, path,
+  save_file({k: np.array(v, np.float32, order="C") for k, v in state.items()}, path,
             metadata={"format": "pt", "producer": f"big_clip.export ({fmt})"})
 
 

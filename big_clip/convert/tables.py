@@ -106,7 +106,7 @@ def to_theirs(flat: Mapping[str, np.ndarray], entries: Iterable[Entry], fmt: str
   if missing:  # the table expects parameters that the model lacks: a config/param mismatch
     raise ExportError(f"The {fmt} layout needs big_clip parameter(s) {missing[:5]} that the "
                       "model does not have; the config does not describe these parameters.")
-  return {e.theirs: np.ascontiguousarray(e.to_theirs(*(flat[k] for k in e.ours)))
+  return {e.theirs: np.array(e.to_theirs(*(flat[k] for k in e.ours)), order="C")
           for e in entries}
 
 
