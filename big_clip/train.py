@@ -295,6 +295,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
     first_step, state, data_state = restored
     data_iter.set_state(data_state)
     logging.info("Resuming at step %d of %d", first_step, config.total_steps)
+  elif config.init_from:  # fine-tuning: pretrained towers, fresh optimizer state
+    from big_clip import export
+    state["params"] = export.place_like(export.load_pretrained(config.init_from, config),
+                                        state["params"])
   metrics_log = MetricsLog(workdir, first_step)
 
   # ----------------------------------------------------------------------------- Evaluators.

@@ -2,7 +2,10 @@ r"""SigLIP ViT-B/16 on WebLI/LAION-style data: the sigmoid loss at 32k batch on 
 
 Zhai et al. 2023 (SigLIP): sigmoid loss with learnable temperature (init log 10) and bias
 (init -10), MAP-head pooling in the image tower, last-token text pooling, Adam beta2 0.95,
-lr 1e-3, weight decay 1e-4, global batch 32k.
+lr 1e-3, weight decay 1e-4, global batch 32k. The towers follow big_vision's SigLIP exactly
+(no pre-LN, no image projection, bidirectional text pooled at position L-1 with a biased
+head, tanh GELU, LayerNorm eps 1e-6), so `python -m big_clip.export --format hf` writes a
+transformers SiglipModel.
 
   gcloud compute tpus tpu-vm ssh $TPU --worker=all --command "cd big_clip && \
     python -m big_clip.train --config configs/siglip_vit_b16.py --workdir gs://$BUCKET/siglip"
@@ -22,11 +25,12 @@ def get_config(arg: str | None = None):
   c.log_every = 100
 
   c.model.update(embed_dim=768, dtype="bfloat16", remat=True, scan_layers=True,
-                 logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
+                 logit_scale_init=math.log(10.0), logit_bias_init=-10.0,
+                 activation="gelu_tanh", ln_eps=1e-6)
   c.model.image.update(image_size=224, patch_size=16, width=768, depth=12, heads=12,
-                       mlp_dim=3072, pool="map")
+                       mlp_dim=3072, pool="map", ln_pre=False, proj=False)
   c.model.text.update(vocab_size=32000, max_len=64, width=768, depth=12, heads=12,
-                      mlp_dim=3072, pool="last")
+                      mlp_dim=3072, pool="final", causal=False, proj_bias=True)
 
   c.loss.name = "sigmoid"
   c.data.update(source="shards:gs://YOUR_BUCKET/laion400m/{00000..41407}.tar",

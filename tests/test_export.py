@@ -21,7 +21,7 @@ from flax import nnx
 import big_clip  # noqa: F401  (flax config)
 from big_clip import config as config_lib
 from big_clip import export
-from big_clip.convert import tables
+from big_clip.convert import hf, tables
 from big_clip.models.two_tower import TwoTower
 
 torch = pytest.importorskip("torch")
@@ -316,3 +316,39 @@ def test_open_clip_loads_the_export_strictly_with_equal_outputs_and_imports_back
   imported_config, imported = export.from_open_clip(str(tmp_path))
   assert_outputs_close(big_clip_outputs(imported_config, imported, images(), tokens),
                        open_clip_outputs())
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes and training.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe,cls", [("default.py", "CLIPModel"),
+                                        ("clip_vit_b32.py", "CLIPModel"),
+                                        ("siglip_vit_b16.py", "SiglipModel")])
+def test_recipes_are_exportable_to_their_transformers_class(recipe, cls):
+  spec = importlib.util.spec_from_file_location(
+      recipe[:-3], os.path.join(os.path.dirname(__file__), "..", "configs", recipe))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  kind = hf.kind_for_loss(config.loss.name)
+  hf.check_exportable(config.model, kind)  # raises naming any setting it cannot represent
+  assert hf.ARCHITECTURES[kind] == cls
+
+
+def test_imported_params_are_placed_with_the_train_state_shardings(tmp_path):
+  """train.py's init_from: load_pretrained, then place_like the freshly initialized params."""
+  from big_clip import sharding, train
+
+  config = tiny_config("clip", scan=True)
+  config.mesh.update(data=2, fsdp=4)
+  params = random_params(config)
+  export.to_hf(params, config, str(tmp_path))
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  _, abstract, shardings = train.abstract_params(config, mesh)
+  like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+  placed = export.place_like(export.load_pretrained(f"hf:{tmp_path}", config), like)
+  kernel = placed["image"]["blocks"]["mlp"]["fc1"]["kernel"]  # [layers, embed->fsdp, mlp]
+  assert kernel.sharding == like["image"]["blocks"]["mlp"]["fc1"]["kernel"].sharding
+  assert kernel.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(placed), params)
