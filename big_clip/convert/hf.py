@@ -55,10 +55,6 @@ HF_DEFAULTS = {
 }
 
 
-def _get(c: Any, key: str, default: Any) -> Any:
-  return c.get(key, default) if hasattr(c, "get") else getattr(c, key, default)
-
-
 def kind_for_loss(loss_name: str) -> str:
   """Softmax (CLIP) models export as CLIPModel, sigmoid (SigLIP) models as SiglipModel."""
   return {"softmax": "clip", "sigmoid": "siglip"}[loss_name]
@@ -68,6 +64,8 @@ def kind_for_loss(loss_name: str) -> str:
 def check_exportable(m: Any, kind: str) -> None:
   """Raises ExportError listing every `config.model` setting the HF class cannot represent."""
   img, txt = m.image, m.text
+  ln_pre, proj = tables.setting(img, "ln_pre", True), tables.setting(img, "proj", True)
+  causal, proj_bias = tables.setting(txt, "causal", True), tables.setting(txt, "proj_bias", False)
   bad = []
 
   def need(ok: bool, setting: str, fix: str) -> None:
@@ -76,25 +74,25 @@ def check_exportable(m: Any, kind: str) -> None:
 
   if kind == "clip":
     need(img.pool == "cls", f"image.pool={img.pool!r}", "CLIPModel pools the class token: 'cls'")
-    need(_get(img, "ln_pre", True), "image.ln_pre=False", "CLIPModel has a pre-LayerNorm")
-    need(_get(img, "proj", True), "image.proj=False", "CLIPModel has a visual_projection")
+    need(ln_pre, "image.ln_pre=False", "CLIPModel has a pre-LayerNorm")
+    need(proj, "image.proj=False", "CLIPModel has a visual_projection")
     need(txt.pool in ("eos", "argmax"), f"text.pool={txt.pool!r}",
          "CLIPModel pools at the EOS token: 'eos' or 'argmax'")
     need(not (txt.pool == "eos" and int(txt.eos_id) == 2), "text.pool='eos' with eos_id=2",
          "HF CLIP reads eos_token_id=2 as argmax pooling; use pool='argmax' or another EOS id")
-    need(_get(txt, "causal", True), "text.causal=False", "CLIPModel's text tower is causal")
-    need(not _get(txt, "proj_bias", False), "text.proj_bias=True",
+    need(causal, "text.causal=False", "CLIPModel's text tower is causal")
+    need(not proj_bias, "text.proj_bias=True",
          "CLIPModel's text_projection has no bias")
   else:
     need(img.pool == "map", f"image.pool={img.pool!r}", "SiglipModel pools with a MAP head")
-    need(not _get(img, "ln_pre", True), "image.ln_pre=True", "SigLIP has no pre-LayerNorm")
-    need(not _get(img, "proj", True), "image.proj=True",
+    need(not ln_pre, "image.ln_pre=True", "SigLIP has no pre-LayerNorm")
+    need(not proj, "image.proj=True",
          "SigLIP's image embedding is the MAP head output; set image.proj=False")
     need(txt.pool == "final", f"text.pool={txt.pool!r}",
          "SiglipTextModel pools position L-1: 'final'")
-    need(not _get(txt, "causal", True), "text.causal=True", "SigLIP's text tower is "
+    need(not causal, "text.causal=True", "SigLIP's text tower is "
          "bidirectional; set text.causal=False")
-    need(_get(txt, "proj_bias", False), "text.proj_bias=False",
+    need(proj_bias, "text.proj_bias=False",
          "SigLIP's text head has a bias; set text.proj_bias=True")
   if bad:
     raise ExportError(f"Not exportable to transformers {ARCHITECTURES[kind]}: "
@@ -165,8 +163,9 @@ def import_state(state: dict[str, np.ndarray], m: Any, kind: str, source: str
   else:
     bias = flat.pop("image.patch_embed.bias")
     if bias.shape[-1:] != flat["image.positional_embedding"].shape[-1:]:
+      width = flat["image.positional_embedding"].shape[-1]
       raise ImportMismatchError(f"{source}: tensor {origin['image.patch_embed.bias']} has shape "
-                                f"{bias.shape}; expected ({flat['image.positional_embedding'].shape[-1]},).")
+                                f"{bias.shape}; expected ({width},).")
     flat["image.positional_embedding"] = flat["image.positional_embedding"] + bias
   return flat, origin
 
@@ -174,7 +173,7 @@ def import_state(state: dict[str, np.ndarray], m: Any, kind: str, source: str
 def hf_config(m: Any, kind: str, logit_scale: float, dtype: str = "float32") -> dict[str, Any]:
   """config.json for `from_pretrained` (only the fields that define the function)."""
   img, txt = m.image, m.text
-  act, eps = ACT_TO_HF[m.activation], float(_get(m, "ln_eps", 1e-5))
+  act, eps = ACT_TO_HF[m.activation], float(tables.setting(m, "ln_eps", 1e-5))
   common = dict(hidden_act=act, layer_norm_eps=eps, attention_dropout=0.0)
   vision = dict(common, hidden_size=int(img.width), intermediate_size=int(img.mlp_dim),
                 num_hidden_layers=int(img.depth), num_attention_heads=int(img.heads),
@@ -182,7 +181,7 @@ def hf_config(m: Any, kind: str, logit_scale: float, dtype: str = "float32") -> 
   text = dict(common, vocab_size=int(txt.vocab_size), hidden_size=int(txt.width),
               intermediate_size=int(txt.mlp_dim), num_hidden_layers=int(txt.depth),
               num_attention_heads=int(txt.heads), max_position_embeddings=int(txt.max_len),
-              pad_token_id=int(txt.pad_id),
+              pad_token_id=int(txt.pad_id), bos_token_id=None,  # big_clip captions have no BOS
               eos_token_id=2 if txt.pool == "argmax" else int(txt.eos_id))
   if kind == "clip":
     out = dict(model_type="clip", projection_dim=int(m.embed_dim),
@@ -230,7 +229,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
               width=t["hidden_size"], depth=t["num_hidden_layers"],
               heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
               eos_id=int(t["eos_token_id"]), pad_id=int(t["pad_token_id"]))
-  model = dict(activation=ACT_FROM_HF[act], ln_eps=float(same("layer_norm_eps", "config.model.ln_eps")))
+  model = dict(activation=ACT_FROM_HF[act],
+               ln_eps=float(same("layer_norm_eps", "config.model.ln_eps")))
   if kind == "clip":
     image.update(pool="cls", ln_pre=True, proj=True)
     text.update(pool="argmax" if t["eos_token_id"] == 2 else "eos", causal=True,

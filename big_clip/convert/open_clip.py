@@ -29,17 +29,13 @@ TEXT_POOL = {"eos": "eos", "argmax": "argmax", "final": "last"}
 GELU_TANH = {"approximate": "tanh"}  # act_kwargs: nn.GELU(approximate='tanh')
 
 
-def _get(c: Any, key: str, default: Any) -> Any:
-  return c.get(key, default) if hasattr(c, "get") else getattr(c, key, default)
-
-
 def check_exportable(m: Any) -> None:
   img, txt = m.image, m.text
   bad = []
   if img.pool != "cls":
     bad.append(f"config.model.image.pool={img.pool!r} (open_clip's VisionTransformer always has "
                "a class token and pools it; its attentional pooler is not SigLIP's MAP head)")
-  if not _get(img, "proj", True):
+  if not tables.setting(img, "proj", True):
     bad.append("config.model.image.proj=False (open_clip's VisionTransformer has a projection)")
   if txt.pool not in TEXT_POOL:
     bad.append(f"config.model.text.pool={txt.pool!r} (open_clip pools 'eos', 'argmax' or "
@@ -64,7 +60,7 @@ def entries(m: Any, with_bias: bool) -> list[Entry]:
                            int(img.patch_size)),
          tables.copy("image.class_embedding", "visual.class_embedding"),
          tables.copy("image.positional_embedding", "visual.positional_embedding")]
-  if _get(img, "ln_pre", True):
+  if tables.setting(img, "ln_pre", True):
     out += tables.layer_norm("image.ln_pre", "visual.ln_pre")
   out += tables.blocks("image.blocks", "visual.transformer.resblocks", int(img.depth),
                        BLOCK_NAMES, fused_qkv=True)
@@ -75,7 +71,7 @@ def entries(m: Any, with_bias: bool) -> list[Entry]:
   out += tables.blocks("text.blocks", "transformer.resblocks", int(txt.depth), BLOCK_NAMES,
                        fused_qkv=True)
   out += tables.layer_norm("text.ln_final", "ln_final")
-  if _get(txt, "proj_bias", False):  # open_clip: nn.Linear(width, embed_dim)
+  if tables.setting(txt, "proj_bias", False):  # open_clip: nn.Linear(width, embed_dim)
     out += tables.linear("text.proj", "text_projection", bias=True)
   else:  # open_clip: a [width, embed_dim] Parameter, our kernel as is
     out += [tables.copy("text.proj.kernel", "text_projection")]
@@ -88,7 +84,7 @@ def entries(m: Any, with_bias: bool) -> list[Entry]:
 def model_cfg(m: Any, logit_bias: float | None) -> dict[str, Any]:
   """open_clip's model config (the JSON under open_clip/model_configs/)."""
   img, txt = m.image, m.text
-  eps = float(_get(m, "ln_eps", 1e-5))
+  eps = float(tables.setting(m, "ln_eps", 1e-5))
   extra = {}
   if eps != 1e-5:  # torch's LayerNorm default
     extra["norm_kwargs"] = {"eps": eps}
@@ -98,13 +94,13 @@ def model_cfg(m: Any, logit_bias: float | None) -> dict[str, Any]:
                 width=int(img.width), layers=int(img.depth),
                 head_width=int(img.width) // int(img.heads),
                 mlp_ratio=int(img.mlp_dim) / int(img.width), pool_type="tok",
-                no_ln_pre=not _get(img, "ln_pre", True), **extra)
+                no_ln_pre=not tables.setting(img, "ln_pre", True), **extra)
   text = dict(context_length=int(txt.max_len), vocab_size=int(txt.vocab_size),
               width=int(txt.width), heads=int(txt.heads), layers=int(txt.depth),
               mlp_ratio=int(txt.mlp_dim) / int(txt.width), pool_type=TEXT_POOL[txt.pool],
               eos_id=int(txt.eos_id), pad_id=int(txt.pad_id),
-              no_causal_mask=not _get(txt, "causal", True),
-              proj_bias=bool(_get(txt, "proj_bias", False)), **extra)
+              no_causal_mask=not tables.setting(txt, "causal", True),
+              proj_bias=bool(tables.setting(txt, "proj_bias", False)), **extra)
   cfg = dict(embed_dim=int(m.embed_dim), quick_gelu=m.activation == "quick_gelu",
              vision_cfg=vision, text_cfg=text)
   if logit_bias is not None:

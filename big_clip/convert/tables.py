@@ -33,6 +33,11 @@ class Entry:
   to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]  # theirs -> ours
 
 
+def setting(c: Any, key: str, default: Any) -> Any:
+  """`c[key]` of a config section, or `default` for a config written before the key existed."""
+  return c.get(key, default)
+
+
 # ------------------------------------------------------------------------------ Transforms.
 def copy(ours: str, theirs: str) -> Entry:
   return Entry((ours,), theirs, lambda x: x, lambda t: (t,))
@@ -137,8 +142,8 @@ def to_ours(state: Mapping[str, Any], entries: Iterable[Entry], fmt: str, source
     try:
       parts = e.to_ours(value)
     except ValueError as err:  # e.g. a fused qkv tensor whose rows do not split in three
-      raise ImportMismatchError(f"{source}: tensor {e.theirs} has shape {value.shape}, which does not "
-                         f"convert to {', '.join(e.ours)} ({err}).") from err
+      raise ImportMismatchError(f"{source}: tensor {e.theirs} has shape {value.shape}, which "
+                                f"does not convert to {', '.join(e.ours)} ({err}).") from err
     for k, v in zip(e.ours, parts):
       flat[k], origin[k] = v, e.theirs
   return flat, origin
