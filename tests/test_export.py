@@ -152,16 +152,19 @@ def test_random_transformers_model_imports_with_equal_embeddings_and_logits(tmp_
                        torch_outputs(hf_model, images(), tokens))
 
 
-@pytest.mark.parametrize("kind,scan", [("clip", False), ("clip", True), ("siglip", True)])
+@pytest.mark.parametrize("kind,scan,max_len", [("clip", False, 8), ("clip", True, 248),
+                                                ("siglip", True, 8)])
 def test_export_loads_in_transformers_with_equal_outputs_and_reimports_identically(
-    tmp_path, kind, scan):
+    tmp_path, kind, scan, max_len):
   config = tiny_config(kind, scan)
+  config.model.text.max_len = max_len  # 248: a Long-CLIP position table carries over
   params = random_params(config)
   cls = export.to_hf(params, config, str(tmp_path))
   hf_model, info = getattr(transformers, cls).from_pretrained(str(tmp_path),
                                                               output_loading_info=True)
   assert cls == {"clip": "CLIPModel", "siglip": "SiglipModel"}[kind]
   assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert hf_model.text_model.embeddings.position_embedding.weight.shape[0] == max_len
   tokens = CLIP_TOKENS if kind == "clip" else SIGLIP_TOKENS
   assert_outputs_close(big_clip_outputs(config, params, images(), tokens),
                        torch_outputs(hf_model.eval(), images(), tokens))
