@@ -1,0 +1,119 @@
+"""Batch accumulation (gradient cache): k micro-batches make the same step as one big batch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_clip import config as config_lib
+from big_clip import sharding, train
+from big_clip.losses import grad_cache
+from test_train import random_batch, tiny_config
+
+# data 2 x fsdp 4: 8 batch shards, so B = 32 splits into 4 micro-batches of 8 that still
+# take one row from every device; grouped runs 2 groups of 4 devices.
+MESH_SHAPE = (2, 4, 1)
+GLOBAL_BATCH = 32
+LOSS_CONFIGS = {
+    "softmax": {"loss.name": "softmax"},
+    "sigmoid": {"loss.name": "sigmoid", "model.logit_bias_init": -10.0},
+    "grouped": {"loss.name": "grouped", "loss.group_size": 4, "loss.group_base": "sigmoid",
+                "model.logit_bias_init": -10.0},
+}
+# Each case compiles a train step (the costly part), so not the full product.
+CASES = [("softmax", 2), ("softmax", 4), ("sigmoid", 4), ("grouped", 2)]
+
+
+def _mesh():
+  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, MESH_SHAPE)))
+
+
+@functools.lru_cache(maxsize=None)
+def _one_step(loss_name: str, accum_steps: int):
+  """(loss, params after one optimizer step, initial params), numpy."""
+  config = tiny_config(**LOSS_CONFIGS[loss_name], **{
+      "loss.accum_steps": accum_steps, "data.global_batch": GLOBAL_BATCH,
+      # Full learning rate at step 0, so the one update moves every parameter.
+      "optim.schedule": "warmup_constant", "optim.warmup_steps": 0})
+  config.model.image.depth = config.model.text.depth = 1
+  mesh = _mesh()
+  setup = train.build(config, mesh)
+  init = jax.device_get(setup.state["params"])
+  state, metrics = setup.step(setup.state, sharding.place_batch(random_batch(config), mesh))
+  return float(metrics["loss"]), jax.device_get(state["params"]), init
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_name, accum_steps", CASES)
+def test_accumulated_step_equals_the_step_on_the_whole_batch(loss_name, accum_steps):
+  whole_loss, whole_params, init = _one_step(loss_name, 1)
+  accum_loss, accum_params, _ = _one_step(loss_name, accum_steps)
+  np.testing.assert_allclose(accum_loss, whole_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               accum_params, whole_params)
+  # The update moved the parameters (and the logit scale), so equality is not vacuous.
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), whole_params, init)
+  assert min(jax.tree.leaves(moved)) > 1e-4 or max(jax.tree.leaves(moved)) > 1e-4
+  assert moved["logit_scale"] > 1e-4
+
+
+def test_grad_cache_equals_jax_grad_of_the_whole_batch_loss_without_a_mesh():
+  # A two-layer "tower" per modality, plain JAX: an independent check of the mechanism.
+  rng = np.random.default_rng(0)
+  params = {"wi": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+            "wt": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+            "log_scale": jnp.float32(2.0), "bias": jnp.float32(-1.0)}
+  batch = {"image": jnp.asarray(rng.normal(size=(12, 6)), jnp.float32),
+           "text": jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)}
+
+  def embed(p, b):
+    norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return norm(jnp.tanh(b["image"] @ p["wi"])), norm(jnp.tanh(b["text"] @ p["wt"]))
+
+  head = lambda p: (jnp.exp(p["log_scale"]), p["bias"])
+
+  def sigmoid_loss(img, txt, scale, bias, mesh=None):  # an independent full-batch loss
+    z = scale * img @ txt.T + bias
+    labels = 2 * jnp.eye(len(img)) - 1
+    return -jnp.sum(jax.nn.log_sigmoid(labels * z)) / len(img)
+
+  expected = jax.grad(lambda p: sigmoid_loss(*embed(p, batch), *head(p)))(params)
+  for k in (3,):  # the train-step tests cover 2 and 4
+    (_, _), grads = jax.jit(functools.partial(
+        grad_cache.value_and_grad, embed, head, sigmoid_loss, accum_steps=k))(params, batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 grads, expected)
+
+
+def test_every_micro_batch_takes_an_equal_slice_of_every_devices_rows():
+  mesh = _mesh()  # 8 batch shards: device j holds rows 4j .. 4j + 3
+  rows = jax.device_put(np.arange(32), sharding.batch_sharding(mesh))
+  micro = jax.jit(lambda x: grad_cache.split(x, 2, mesh))(rows)
+  # Micro-batch i holds rows i, i + 2, ...: 2 rows of each device's block of 4.
+  np.testing.assert_array_equal(np.asarray(micro), np.arange(32).reshape(16, 2).T)
+  for shard in micro.addressable_shards:
+    values = np.asarray(shard.data)
+    assert values.shape == (2, 2)
+    assert len(set((values // 4).ravel())) == 1  # one device's block only: nothing moved
+  merged = jax.jit(lambda x: grad_cache.merge(x, mesh))(micro)
+  np.testing.assert_array_equal(np.asarray(merged), np.arange(32))
+  assert merged.sharding.is_equivalent_to(rows.sharding, 1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss.accum_steps": 2, "optim.grad_accum_steps": 2}, r"both > 1; pick one"),
+    ({"loss.accum_steps": 3}, r"global_batch=16 is not divisible by config.loss.accum_steps=3"),
+    ({"loss.accum_steps": 0}, r"loss.accum_steps must be >= 1"),
+])
+def test_bad_accumulation_settings_are_rejected_naming_the_keys(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(tiny_config(**overrides))
+
+
+def test_micro_batches_that_do_not_split_over_the_devices_are_rejected():
+  config = tiny_config(**{"loss.accum_steps": 4})  # 16 / 4 = 4 rows for 8 devices
+  with pytest.raises(config_lib.ConfigError, match=r"4 examples per micro-batch is not "
+                     r"divisible by the data-parallel size 8.*multiple of 32"):
+    config_lib.validate_for_mesh(config, 8, 1)
