@@ -1,0 +1,145 @@
+"""Two processes on localhost (4 CPU devices each, gloo collectives) compute the same losses
+and the same train step as this single process does on its 8 devices.
+
+The children run tests/multihost_worker.py, which joins the job through
+`sharding.maybe_initialize_distributed` (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID) and reads its half of every batch from the real data pipeline
+(`pipeline.make(..., jax.process_index(), jax.process_count())` + `place_batch`).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_clip import config as config_lib
+from big_clip import losses, sharding, train
+from big_clip.data import pipeline, sources, tokenizers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+
+GLOBAL_BATCH, DIM, SCALE, BIAS = 32, 16, 10.0, -3.0
+# name -> (mesh shape, loss name, group size, group base)
+LOSS_CASES = {
+    "softmax": ((8, 1, 1), "softmax", 0, "softmax"),
+    "sigmoid": ((2, 4, 1), "sigmoid", 0, "softmax"),
+    "grouped_softmax_2": ((2, 4, 1), "grouped", 2, "softmax"),
+    "grouped_sigmoid_8": ((8, 1, 1), "grouped", 8, "sigmoid"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# The computations, run identically by the parent (1 process) and each child (2 processes).
+# --------------------------------------------------------------------------------------
+
+
+def loss_results() -> dict[str, tuple]:
+  """name -> (value, d/d img, d/d txt, d/d scale, d/d bias) on global (sharded) arrays."""
+  rng = np.random.default_rng(0)
+  img, txt = (x / np.linalg.norm(x, axis=1, keepdims=True)
+              for x in rng.normal(size=(2, GLOBAL_BATCH, DIM)).astype(np.float32))
+  out = {}
+  for name, (shape, loss_name, group_size, group_base) in LOSS_CASES.items():
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+    spec = sharding.batch_sharding(mesh)
+    # Each process fills only its own devices' blocks of the global arrays.
+    img_g, txt_g = (jax.make_array_from_callback(x.shape, spec, lambda idx, x=x: x[idx])
+                    for x in (img, txt))
+    cfg = config_lib.base().loss
+    cfg.update(name=loss_name, group_size=group_size, group_base=group_base)
+    loss_fn = losses.from_config(cfg)
+    value_and_grads = jax.jit(jax.value_and_grad(
+        lambda i, t, s, b: loss_fn(i, t, s, b, mesh=mesh), argnums=(0, 1, 2, 3)))
+    value, grads = value_and_grads(img_g, txt_g, jnp.float32(SCALE), jnp.float32(BIAS))
+    out[name] = (value, *grads)
+  return out
+
+
+def one_train_step(spm_path: str):
+  """(loss, params) after one step of train.build's compiled step on the pipeline's batch."""
+  from test_train import tiny_config
+
+  # The grouped loss (groups of 4 devices = one host each) with 2 accumulation steps: the
+  # step is only equal if every host's rows land on the same devices as in one process.
+  config = tiny_config(**{"loss.name": "grouped", "loss.group_size": 4,
+                          "loss.group_base": "sigmoid", "loss.accum_steps": 2,
+                          "model.logit_bias_init": -10.0, "optim.schedule": "warmup_constant",
+                          "optim.warmup_steps": 0})
+  config.model.image.depth = config.model.text.depth = 1
+  config.data.tokenizer.path = spm_path
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  config_lib.validate_for_mesh(config, sharding.data_parallel_size(mesh),
+                                     jax.process_count())
+  tokenizer = train.build_tokenizer(config, os.path.dirname(spm_path))
+  data = pipeline.make(config.data, jax.process_index(), jax.process_count(),
+                       tokenizer=tokenizer, seed=config.seed)
+  batch = sharding.place_batch(next(data), mesh)
+  data.close()
+  setup = train.build(config, mesh)
+  state, metrics = setup.step(setup.state, batch)
+  return metrics["loss"], state["params"]
+
+
+# --------------------------------------------------------------------------------------
+# The test.
+# --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _run_two_processes(out_path: str, spm_path: str, timeout_s: float = 600) -> None:
+  port = _free_port()
+  procs = []
+  for process_id in range(2):
+    env = {**os.environ,
+           # The parent's conftest gives it 8 devices; each child has 4 of the 8.
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+           "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": str(process_id),
+           "PYTHONPATH": os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")])}
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(TESTS, "multihost_worker.py"), out_path, spm_path],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=timeout_s)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for process_id, (proc, log) in enumerate(zip(procs, logs)):
+    assert proc.returncode == 0, f"process {process_id} failed:\n{log[-4000:]}"
+
+
+@pytest.mark.slow
+def test_two_processes_compute_the_same_losses_and_train_step_as_one(tmp_path):
+  spm_path = str(tmp_path / "spm.model")
+  tokenizers.train_spm(sources.caption_corpus(n=3000, seed=0), spm_path, vocab_size=1024)
+  out_path = str(tmp_path / "multihost.npz")
+  _run_two_processes(out_path, spm_path)
+  got = dict(np.load(out_path))
+
+  for name, values in loss_results().items():
+    for i, expected in enumerate(jax.device_get(values)):
+      np.testing.assert_allclose(got[f"{name}/{i}"], expected, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{name}, output {i}")
+  loss, params = jax.device_get(one_train_step(spm_path))
+  np.testing.assert_allclose(got["train/loss"], loss, rtol=1e-5)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  assert len(leaves) == sum(k.startswith("train/params") for k in got)
+  for path, expected in leaves:
+    np.testing.assert_allclose(got["train/params" + jax.tree_util.keystr(path)], expected,
+                               rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
