@@ -47,10 +47,10 @@ def main() -> None:
   b = GLOBAL_BATCH // n
   print(f"Part 1: loss + grads, global batch {GLOBAL_BATCH}, dim {DIM}, {n} devices "
         f"(B_local {b}); temporaries per device")
-  print("| loss | group | temp MiB / device | rows received / device / step |")
+  print("| loss | group | temp MiB / device | embedding rows received / device (forward) |")
   print("| --- | --- | --- | --- |")
   cases = [
-      ("softmax (1 device, dense B x B)", None, losses.get("softmax"), None, GLOBAL_BATCH),
+      ("softmax (1 device, dense B x B)", None, losses.get("softmax"), None, None),
       ("softmax", "all", losses.get("softmax"), mesh, 2 * (GLOBAL_BATCH - b)),
       ("sigmoid", "all", losses.get("sigmoid"), mesh, GLOBAL_BATCH - b),
   ]
@@ -61,7 +61,8 @@ def main() -> None:
       rows = (2 if base == "softmax" else 1) * (group - 1) * b
       cases.append((f"grouped ({base})", str(group), fn, mesh, rows))
   for name, group, fn, m, rows in cases:
-    print(f"| {name} | {group or '-'} | {loss_temp_mib(fn, m):.1f} | {rows} |")
+    print(f"| {name} | {group or '-'} | {loss_temp_mib(fn, m):.1f} | "
+          f"{'-' if rows is None else rows} |")
 
   from configs import default
   print("\nPart 2: train step of configs/default.py (global batch 128), temporaries per device")

@@ -3,8 +3,9 @@
 Run as `python tests/multihost_worker.py OUT.npz SPM_PATH` with JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_PLATFORMS=cpu and 4 fake devices in XLA_FLAGS set by
 the parent. It joins the job through big_clip's own start-up path, then writes to OUT.npz
-every loss's value and gradients and the result of one real train step, gathered to
-full arrays, for the parent to compare with its single-process run on 8 devices.
+every loss's value and gradients and the result of one real train step (4 accumulation
+micro-batches), gathered to full arrays, for the parent to compare with its single-process
+run on 8 devices (the whole batch at once).
 """
 
 import sys
@@ -32,7 +33,7 @@ def main(out_path: str, spm_path: str) -> None:
   results = {}
   for name, values in test_multihost.loss_results().items():
     results.update({f"{name}/{i}": v for i, v in enumerate(gathered(values))})
-  loss, params = test_multihost.one_train_step(spm_path)
+  loss, params, _ = test_multihost.one_train_step(spm_path, accum_steps=4)
   results["train/loss"] = np.asarray(gathered(loss))
   for path, leaf in jax.tree_util.tree_leaves_with_path(gathered(params)):
     results["train/params" + jax.tree_util.keystr(path)] = leaf
