@@ -31,7 +31,6 @@ LOSS_CASES = {
     "softmax": ((8, 1, 1), "softmax", 0, "softmax"),
     "sigmoid": ((2, 4, 1), "sigmoid", 0, "softmax"),
     "grouped_softmax_2": ((2, 4, 1), "grouped", 2, "softmax"),
-    "grouped_sigmoid_8": ((8, 1, 1), "grouped", 8, "sigmoid"),
 }
 
 
