@@ -34,7 +34,8 @@ CHOICES = {
     "model.activation": ("gelu", "quick_gelu", "gelu_tanh"),
     "model.image.pool": ("cls", "map", "gap"),
     "model.text.pool": ("eos", "last", "argmax", "final"),
-    "loss.name": ("softmax", "sigmoid"),
+    "loss.name": ("softmax", "sigmoid", "grouped"),
+    "loss.group_base": ("softmax", "sigmoid"),
     "optim.schedule": ("warmup_cosine", "warmup_constant"),
     "nan_policy": ("stop", "skip"),
     "mesh.multihost": ("auto", "true", "false"),
@@ -79,7 +80,17 @@ def base() -> ml_collections.ConfigDict:
   # 'hf:PATH' (a save_pretrained folder), 'open_clip:PATH' (open_clip_config.json +
   # a state dict) or 'big_clip:WORKDIR[:STEP]'. '' = random init.
   c.init_from = ""
-  c.loss = dict(name="softmax")
+  c.loss = dict(
+      name="softmax",  # 'softmax' (CLIP), 'sigmoid' (SigLIP), 'grouped' (M2-Encoder)
+      group_size=0,  # grouped: data x fsdp devices per contrastive batch; 0 = all devices
+      group_base="softmax",  # grouped: the loss computed inside each group
+      # Batch accumulation (gradient cache, Gao et al. 2021): embed the global batch in
+      # accum_steps micro-batches, take the loss over the WHOLE batch, then backprop each
+      # micro-batch. The contrastive batch stays global_batch; activation memory is one
+      # micro-batch's. Unlike optim.grad_accum_steps, which makes each micro-batch its own
+      # (smaller) contrastive batch. At most one of the two may be > 1.
+      accum_steps=1,
+  )
   c.data = dict(
       source="embedded",
       global_batch=256,  # examples per step over all hosts
@@ -101,7 +112,7 @@ def base() -> ml_collections.ConfigDict:
       weight_decay=0.2,
       clip_norm=1.0,  # global-norm clipping; 0 disables
       grad_accum_steps=1,  # micro-batches per step; gradients averaged (not a bigger
-                           # contrastive batch: see loss accumulation for that)
+                           # contrastive batch: see loss.accum_steps for that)
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, multihost="auto")
   c.checkpoint = dict(every_steps=500, keep=3, use_async=True)
@@ -214,6 +225,20 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.data.global_batch % c.optim.grad_accum_steps == 0,
        f"config.data.global_batch={c.data.global_batch} is not divisible by "
        f"config.optim.grad_accum_steps={c.optim.grad_accum_steps}.")
+  need(c.loss.accum_steps >= 1, "config.loss.accum_steps must be >= 1.")
+  need(c.data.global_batch % c.loss.accum_steps == 0,
+       f"config.data.global_batch={c.data.global_batch} is not divisible by "
+       f"config.loss.accum_steps={c.loss.accum_steps}.")
+  need(c.loss.accum_steps == 1 or c.optim.grad_accum_steps == 1,
+       f"config.loss.accum_steps={c.loss.accum_steps} and config.optim.grad_accum_steps="
+       f"{c.optim.grad_accum_steps} are both > 1; pick one: loss.accum_steps keeps the whole "
+       "batch as one contrastive batch (gradient cache), optim.grad_accum_steps makes each "
+       "micro-batch its own contrastive batch.")
+  need(c.loss.group_size >= 0, f"config.loss.group_size={c.loss.group_size} must be >= 0 "
+       "(0 = all data-parallel devices).")
+  need(c.loss.name == "grouped" or c.loss.group_size == 0,
+       f"config.loss.group_size={c.loss.group_size} only applies to config.loss.name="
+       f"'grouped' (got {c.loss.name!r}); set loss.name='grouped' or group_size=0.")
   need(bool(c.data.languages), "config.data.languages is empty; name at least one language.")
   need(c.checkpoint.keep >= 1, "config.checkpoint.keep must be >= 1.")
 
@@ -228,6 +253,20 @@ def validate_for_mesh(config: ml_collections.ConfigDict, data_parallel: int,
         f"grad_accum_steps={config.optim.grad_accum_steps}) is not divisible by the "
         f"data-parallel size {data_parallel} (mesh data x fsdp); use a multiple of "
         f"{data_parallel}.")
+  # Batch accumulation: every micro-batch is still split over all data-parallel devices.
+  loss_micro = config.data.global_batch // config.loss.accum_steps
+  if loss_micro % data_parallel:
+    raise ConfigError(
+        f"config.data.global_batch={config.data.global_batch} / config.loss.accum_steps="
+        f"{config.loss.accum_steps} = {loss_micro} examples per micro-batch is not "
+        f"divisible by the data-parallel size {data_parallel} (mesh data x fsdp); use a "
+        f"global batch that is a multiple of {config.loss.accum_steps * data_parallel}.")
+  group_size = config.loss.group_size
+  if group_size and data_parallel % group_size:
+    raise ConfigError(
+        f"config.loss.group_size={group_size} does not divide the data-parallel size "
+        f"{data_parallel} (mesh data x fsdp); use a divisor of {data_parallel}, or 0 for "
+        "all devices.")
   if config.data.global_batch % process_count:
     raise ConfigError(f"config.data.global_batch={config.data.global_batch} is not divisible "
                       f"by the {process_count} processes.")

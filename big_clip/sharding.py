@@ -98,14 +98,24 @@ def maybe_initialize_distributed(multihost: str | bool) -> None:
 
   `multihost='auto'` initializes when the environment names a coordinator
   (JAX_COORDINATOR_ADDRESS, or a TPU pod / SLURM / Open MPI environment that JAX
-  auto-detects); True always initializes; False never does.
+  auto-detects); True always initializes; False never does. Elsewhere, set
+  JAX_COORDINATOR_ADDRESS=host0:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i (0..N-1)
+  on every process.
   """
   if multihost == "auto":
     markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
     multihost = any(m in os.environ for m in markers)
   if multihost:
-    jax.distributed.initialize()
+    # Where no cluster is auto-detected (plain multi-node GPU, or CPU processes on one
+    # machine) each process names its rank: JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    ranks = {key: int(os.environ[env]) for key, env in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                        ("process_id", "JAX_PROCESS_ID"))
+             if env in os.environ}
+    if os.environ.get("JAX_PLATFORMS", "").lower() == "cpu":
+      # CPU collectives across processes need gloo (the default only works in-process).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**ranks)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())

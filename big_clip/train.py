@@ -29,6 +29,7 @@ from big_clip import checkpoints, evaluate, optim, sharding
 from big_clip import config as config_lib
 from big_clip import losses
 from big_clip.data import pipeline, tokenizers
+from big_clip.losses import grad_cache
 from big_clip.models import two_tower
 
 State = dict[str, Any]  # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'}
@@ -103,14 +104,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 
   def gradients(params, batch):
+    if config.loss.accum_steps > 1:  # one contrastive batch, backprop in micro-batches
+      return grad_cache.value_and_grad(
+          lambda p, b: nnx.merge(graphdef, p)(b["image"], b["text"]),
+          lambda p: nnx.merge(graphdef, p).scale_and_bias(), loss_fn, params, batch,
+          accum_steps=config.loss.accum_steps, mesh=mesh)
     if accum == 1:
       return grad_fn(params, batch)
     # Micro-batch i holds examples i, i+accum, ... so that each one stays spread over all
     # data-parallel devices. Gradients are averaged; each micro-batch is its own
-    # contrastive batch (loss accumulation over the whole batch is losses/grouped.py).
-    micro = jax.tree.map(
-        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
-        batch)
+    # contrastive batch (one contrastive batch over all of them: loss.accum_steps).
+    micro = grad_cache.split(batch, accum)
 
     def body(carry, mb):
       (loss, aux), grads = grad_fn(params, mb)
@@ -223,7 +227,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   n_params = sum(x.size for x in jax.tree.leaves(abs_params))
   logging.info("Model: %.2fM parameters", n_params / 1e6)
 
-  step_fn = make_train_step(graphdef, tx, schedule, losses.get(config.loss.name), mesh, config)
+  step_fn = make_train_step(graphdef, tx, schedule, losses.from_config(config.loss), mesh,
+                            config)
   batch_sharding = sharding.batch_sharding(mesh)
   gb, size = config.data.global_batch, config.data.image_size
   abs_batch = {

@@ -13,8 +13,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from big_clip import config as config_lib
 from big_clip import losses, sharding
-from big_clip.losses import sigmoid, softmax
+from big_clip.losses import grouped, sigmoid, softmax
 
 GLOBAL_BATCH, DIM = 32, 16  # DIM differs from every B_local / B_global used below
 SCALE, BIAS = 10.0, -3.0
@@ -204,8 +205,124 @@ def test_sigmoid_requires_a_bias():
 def test_get_returns_each_loss_by_name():
   assert losses.get("softmax") is softmax.loss
   assert losses.get("sigmoid") is sigmoid.loss
+  assert losses.get("grouped") is grouped.loss
 
 
 def test_get_unknown_name_names_the_config_key_and_the_choices():
   with pytest.raises(ValueError, match=r"config.loss.name='clip'.*'softmax', 'sigmoid'"):
     losses.get("clip")
+
+
+# --------------------------------------------------------------------------------------
+# Grouped aggregation (M2-Encoder): the mean of each device group's own full-batch loss.
+# --------------------------------------------------------------------------------------
+
+GROUPED_MESHES = ("8x1x1", "2x4x1")
+
+
+def _grouped_reference(x, y, s, b, *, base, n_groups):
+  """Mean over consecutive row groups of the float64 reference; gradients likewise."""
+  rows = len(x) // n_groups
+  value, dx, dy, ds, db = 0.0, np.zeros_like(x), np.zeros_like(y), 0.0, 0.0
+  for g in range(n_groups):
+    part = slice(g * rows, (g + 1) * rows)
+    v, (gx, gy, gs, gb) = REFERENCES[base](x[part], y[part], s, b)
+    value += v / n_groups
+    dx[part], dy[part] = gx / n_groups, gy / n_groups
+    ds, db = ds + gs / n_groups, db + gb / n_groups
+  return value, (dx, dy, ds, db)
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 8])
+@pytest.mark.parametrize("mesh_name", GROUPED_MESHES)
+@pytest.mark.parametrize("base", ["softmax", "sigmoid"])
+def test_grouped_value_and_grads_are_the_mean_of_per_group_float64_losses(base, mesh_name,
+                                                                          group_size):
+  mesh = _mesh(mesh_name)
+  img, txt = (jax.device_put(e.astype(np.float32), sharding.batch_sharding(mesh))
+              for e in (IMG, TXT))
+  loss_fn = lambda i, t, s, b: grouped.loss(i, t, s, b, mesh=mesh, group_size=group_size,
+                                            base=base)
+  value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)))(
+      img, txt, jnp.float32(SCALE), jnp.float32(BIAS))
+
+  n_groups = sharding.data_parallel_size(mesh) // group_size
+  expected_value, expected_grads = _grouped_reference(IMG, TXT, SCALE, BIAS, base=base,
+                                                      n_groups=n_groups)
+  _assert_close(value, expected_value)
+  for name, grad, expected in zip(("img", "txt", "scale", "bias"), grads, expected_grads):
+    assert grad.shape == np.shape(expected), name
+    _assert_close(grad, expected)
+  if group_size == 8:  # one group of every device: exactly the global loss
+    _assert_close(value, REFERENCES[base](IMG, TXT, SCALE, BIAS)[0])
+
+
+@pytest.mark.parametrize("base, collective", [("softmax", "all_gather"),
+                                              ("sigmoid", "ppermute")])
+def test_grouped_loss_exchanges_only_inside_its_groups(base, collective):
+  mesh, group_size = _mesh("2x4x1"), 2  # 4 groups: devices {0,1}, {2,3}, {4,5}, {6,7}
+  local_batch = GLOBAL_BATCH // sharding.data_parallel_size(mesh)
+  groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+  loss_fn = lambda i, t, s, b: grouped.loss(i, t, s, b, mesh=mesh, group_size=group_size,
+                                            base=base)
+  emb = jax.ShapeDtypeStruct((GLOBAL_BATCH, DIM), jnp.float32)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))
+  eqns = list(_equations(jax.make_jaxpr(grad_fn)(emb, emb, scalar, scalar).jaxpr))
+
+  exchanges = [e for e, _ in eqns if e.primitive.name == collective]
+  assert exchanges, f"no {collective} in the grouped {base} loss"
+  for eqn in exchanges:
+    if collective == "all_gather":  # group_size x B_local rows, not B_global
+      assert eqn.outvars[0].aval.shape == (group_size * local_batch, DIM)
+      assert [list(g) for g in eqn.params["axis_index_groups"]] == groups
+    else:  # every ring hop stays inside a group
+      assert all(src // group_size == dst // group_size for src, dst in eqn.params["perm"])
+  # Logits blocks: this device's rows against its group's columns, never B_global wide.
+  logits_shapes = {v.aval.shape for e, _ in eqns if e.primitive.name == "dot_general"
+                   for v in e.outvars if DIM not in v.aval.shape}
+  assert logits_shapes == {(local_batch, {"softmax": group_size * local_batch,
+                                          "sigmoid": local_batch}[base])}, logits_shapes
+  largest = max(np.prod(v.aval.shape) for e, per_device in eqns if per_device
+                for v in e.outvars if hasattr(v.aval, "shape"))
+  assert largest < GLOBAL_BATCH**2
+  # The compiled program agrees: its all-gathers produce group_size x B_local rows, within
+  # replica groups of size 2.
+  if collective == "all_gather":
+    hlo = jax.jit(grad_fn).lower(emb, emb, scalar, scalar).compile().as_text()
+    gathers = [line for line in hlo.splitlines() if " all-gather(" in line]
+    assert gathers and all(f"f32[{group_size * local_batch},{DIM}]" in line
+                           for line in gathers), gathers
+    assert all("{{0,1},{2,3},{4,5},{6,7}}" in line or "[4,2]<=[8]" in line
+               for line in gathers), gathers
+
+
+def test_grouped_loss_rejects_a_group_size_that_does_not_divide_the_devices():
+  with pytest.raises(ValueError, match=r"config.loss.group_size=3 must divide the 8 "
+                     r"data-parallel devices"):
+    grouped.loss(IMG, TXT, SCALE, BIAS, mesh=_mesh("8x1x1"), group_size=3)
+  with pytest.raises(ValueError, match=r"config.loss.group_base='clip' is not a known"):
+    grouped.loss(IMG, TXT, SCALE, BIAS, mesh=_mesh("8x1x1"), base="clip")
+
+
+def test_grouped_config_is_validated_against_the_mesh():
+  c = config_lib.base()
+  c.loss.update(name="grouped", group_size=3)
+  config_lib.validate(c)
+  with pytest.raises(config_lib.ConfigError, match=r"group_size=3 does not divide the "
+                     r"data-parallel size 8"):
+    config_lib.validate_for_mesh(c, 8, 1)
+  c.loss.update(name="softmax")
+  with pytest.raises(config_lib.ConfigError, match=r"group_size=3 only applies to "
+                     r"config.loss.name='grouped'"):
+    config_lib.validate(c)
+
+
+def test_from_config_binds_the_group_settings():
+  c = config_lib.base()
+  c.loss.update(name="grouped", group_size=4, group_base="sigmoid")
+  fn = losses.from_config(c.loss)
+  assert fn.func is grouped.loss and fn.keywords == {"group_size": 4, "base": "sigmoid"}
+  c.loss.group_size = 0  # 0 in the config = all devices = None for the loss
+  assert losses.from_config(c.loss).keywords["group_size"] is None
+  assert losses.from_config(config_lib.base().loss) is softmax.loss

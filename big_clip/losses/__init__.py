@@ -10,12 +10,19 @@ pair), `scale` the logit multiplier (already exponentiated, e.g. `exp(log_scale)
 loss runs under `jax.shard_map` on each device's batch block (split over `BATCH_AXES`)
 and exchanges only what it needs, giving the same value and gradients as the full batch.
 
-Besides `get`, this file holds what the losses share: input checks, the float32
-similarity block and the shard_map wrapper.
+The devices whose blocks form one contrastive batch are the *exchange domain*
+(`Exchange`): all devices on the batch axes for softmax and sigmoid, groups of
+`group_size` consecutive devices for the grouped loss (M2-Encoder), which runs the very
+same softmax / sigmoid body with a smaller domain.
+
+Besides `get` / `from_config`, this file holds what the losses share: input checks, the
+float32 similarity block, the exchange domain and the shard_map wrapper.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Protocol
@@ -23,13 +30,14 @@ from typing import Protocol
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from big_clip.sharding import BATCH_AXES, data_parallel_size
 
-NAMES = ("softmax", "sigmoid")
+NAMES = ("softmax", "sigmoid", "grouped")
 
 # The mesh axes a loss body reduces over; None inside the single-device (mesh=None) path.
 Axes = tuple[str, ...] | None
@@ -47,6 +55,15 @@ def get(name: str) -> LossFn:
   if name not in NAMES:
     raise ValueError(f"config.loss.name={name!r} is not a known loss; allowed: {NAMES}.")
   return importlib.import_module(f"big_clip.losses.{name}").loss
+
+
+def from_config(loss_cfg: ml_collections.ConfigDict) -> LossFn:
+  """The loss of `config.loss`, with the grouped loss's `group_size` / `group_base` bound."""
+  fn = get(loss_cfg.name)
+  if loss_cfg.name == "grouped":
+    fn = functools.partial(fn, group_size=loss_cfg.group_size or None,
+                           base=loss_cfg.group_base)
+  return fn
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,38 +127,86 @@ def logits_block(img: jax.Array, txt: jax.Array, scale: jax.Array,
   return scale * dots + bias
 
 
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+  """The devices that form one contrastive batch, seen from inside a loss body.
+
+  `axes` are the batch-sharded mesh axes (None: one device holds the whole batch).
+  `groups` partitions the flat device indices over `axes` into exchange groups; None means
+  one group of every device. Collectives stay inside a group, except `psum`, which sums
+  over *all* devices so that the loss body's final reduction adds up every group's loss.
+  """
+  axes: Axes
+  groups: tuple[tuple[int, ...], ...] | None = None
+
+  @property
+  def size(self) -> int:
+    """Devices per group: the number of batch blocks that one contrastive batch has."""
+    if self.groups is not None:
+      return len(self.groups[0])
+    return 1 if self.axes is None else jax.lax.axis_size(self.axes)
+
+  def all_gather(self, x: jax.Array) -> jax.Array:
+    """The blocks of `x` from every device of this device's group, in batch order."""
+    if self.axes is None:
+      return x
+    return jax.lax.all_gather(x, self.axes, tiled=True,
+                              axis_index_groups=None if self.groups is None
+                              else [list(g) for g in self.groups])
+
+  def ring(self) -> list[tuple[int, int]]:
+    """ppermute pairs: each device sends to the next one of its group (wrapping around)."""
+    groups = self.groups or (tuple(range(self.size)),)
+    return [(g[k], g[(k + 1) % len(g)]) for g in groups for k in range(len(g))]
+
+  def ppermute(self, x: jax.Array) -> jax.Array:
+    """`x` handed one step along `ring()`."""
+    return x if self.axes is None else jax.lax.ppermute(x, self.axes, self.ring())
+
+  def psum(self, x: jax.Array) -> jax.Array:
+    """The sum over every device on `axes` (all groups)."""
+    return x if self.axes is None else jax.lax.psum(x, self.axes)
+
+
+def exchange_groups(data_parallel: int, group_size: int | None
+                    ) -> tuple[tuple[int, ...], ...] | None:
+  """Groups of `group_size` consecutive batch devices; None (one group) for all of them."""
+  if group_size is None or group_size == data_parallel:
+    return None
+  if group_size < 1 or data_parallel % group_size:
+    raise ValueError(
+        f"config.loss.group_size={group_size} must divide the {data_parallel} data-parallel "
+        f"devices (mesh data x fsdp); use a divisor of {data_parallel}, or 0 for all.")
+  return tuple(tuple(range(start, start + group_size))
+               for start in range(0, data_parallel, group_size))
+
+
 def on_batch_shards(body: Callable[..., jax.Array], mesh: Mesh | None, img: jax.Array,
-                    txt: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-  """Runs `body(img_block, txt_block, scale, bias, axes=...)` and returns its scalar.
+                    txt: jax.Array, scale: jax.Array, bias: jax.Array, *,
+                    group_size: int | None = None) -> jax.Array:
+  """Runs `body(img_block, txt_block, scale, bias, exchange=...)`, mean over groups.
 
   With a mesh, each device gets its `[B / n_shards, D]` block of both embeddings (the
   batch is split over `BATCH_AXES` and replicated over `tensor`, so the tensor replicas
-  compute identical values) and `body` reduces over `axes=BATCH_AXES` itself, ending in a
-  psum so the result is replicated (`out_specs=P()`). shard_map's default replication
-  checking (check_vma) makes autodiff transpose each collective correctly: an all_gather
-  into a reduce-scatter, a ppermute into the reverse ppermute, the implicit broadcast of
-  the replicated scale/bias into a psum. Without a mesh, `body` gets the whole batch and
-  `axes=None`, which its collectives treat as a single device.
+  compute identical values). `body` computes its group's loss with the collectives of
+  `exchange` and ends in `exchange.psum`, so its result is the sum over groups, replicated
+  (`out_specs=P()`); dividing by the number of groups gives their mean. shard_map's
+  default replication checking (check_vma) makes autodiff transpose each collective
+  correctly: an all_gather into a reduce-scatter (within the same groups), a ppermute into
+  the reverse ppermute, the implicit broadcast of the replicated scale/bias into a psum.
+  Without a mesh, `body` gets the whole batch and an `Exchange` of one device.
   """
   if mesh is None:
-    out = body(img, txt, scale, bias, axes=None)
+    if group_size not in (None, 1):
+      raise ValueError(f"config.loss.group_size={group_size} needs a mesh with at least "
+                       f"{group_size} data-parallel devices; without a mesh it must be 1.")
+    out = body(img, txt, scale, bias, exchange=Exchange(None))
   else:
+    groups = exchange_groups(data_parallel_size(mesh), group_size)
+    exchange = Exchange(BATCH_AXES, groups)
     batch_block = P(BATCH_AXES, None)
-    sharded = jax.shard_map(lambda *args: body(*args, axes=BATCH_AXES), mesh=mesh,
+    sharded = jax.shard_map(lambda *args: body(*args, exchange=exchange), mesh=mesh,
                             in_specs=(batch_block, batch_block, P(), P()), out_specs=P())
-    out = sharded(img, txt, scale, bias)
+    out = sharded(img, txt, scale, bias) / (1 if groups is None else len(groups))
   chex.assert_shape(out, ())
   return out
-
-
-def all_gather(x: jax.Array, axes: Axes) -> jax.Array:
-  """The blocks of `x` from every device on `axes`, concatenated in batch order."""
-  return x if axes is None else jax.lax.all_gather(x, axes, tiled=True)
-
-
-def psum(x: jax.Array, axes: Axes) -> jax.Array:
-  return x if axes is None else jax.lax.psum(x, axes)
-
-
-def axis_size(axes: Axes) -> int:
-  return 1 if axes is None else jax.lax.axis_size(axes)

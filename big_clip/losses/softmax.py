@@ -3,6 +3,7 @@ From Natural Language Supervision", Fig. 3), exact on any device mesh.
 
 Each device scores its local images against all texts and its local texts against all
 images: O(B_local x B_global) logits per device, never the B_global x B_global matrix.
+With `group_size` the "global" batch is the group's (grouped.py, M2-Encoder).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from big_clip import losses
 
 
 def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
-         bias: jax.Array | None = None, *, mesh: Mesh | None = None) -> jax.Array:
+         bias: jax.Array | None = None, *, mesh: Mesh | None = None,
+         group_size: int | None = None) -> jax.Array:
   """CLIP loss: mean cross-entropy image->text and text->image, averaged.
 
   With `z = scale * img_emb @ txt_emb.T (+ bias)`, pair i's targets are the diagonal:
@@ -32,6 +34,8 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
     scale: scalar logit scale (CLIP's exp(t)).
     bias: optional scalar logit bias.
     mesh: the device mesh (axes data, fsdp, tensor), or None for one device.
+    group_size: batch devices per contrastive batch (None: all); the loss is then the
+      mean over groups of each group's loss (grouped.py).
 
   Returns:
     The float32 scalar loss, replicated.
@@ -40,17 +44,19 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
   # The bias cancels inside every cross-entropy: leave it out of the computation, so its
   # gradient is exactly 0 (not float32 rounding noise) and a model's logit_bias stays put.
   return losses.on_batch_shards(_summed_cross_entropies, mesh,
-                                *losses.as_float32(img_emb, txt_emb, scale, None))
+                                *losses.as_float32(img_emb, txt_emb, scale, None),
+                                group_size=group_size)
 
 
 def _summed_cross_entropies(img: jax.Array, txt: jax.Array, scale: jax.Array,
-                            bias: jax.Array, *, axes: losses.Axes) -> jax.Array:
-  """The loss from one device's `[b, D]` blocks; `axes` are the batch-sharded mesh axes."""
+                            bias: jax.Array, *, exchange: losses.Exchange) -> jax.Array:
+  """The loss from one device's `[b, D]` blocks, over the devices of its `exchange` group;
+  summed over groups."""
   # Gathering the features (B x D) is far cheaper than gathering logits (B x B). The
   # transpose of all_gather is a reduce-scatter, so each device gets back the summed
   # gradient of its own rows from every device's logits.
-  img_all = losses.all_gather(img, axes)  # [B, D]
-  txt_all = losses.all_gather(txt, axes)  # [B, D]
+  img_all = exchange.all_gather(img)  # [B, D], B = the group's batch
+  txt_all = exchange.all_gather(txt)  # [B, D]
   local_batch, global_batch = img.shape[0], img_all.shape[0]
 
   img_to_txt = losses.logits_block(img, txt_all, scale, bias)  # [b, B]: rows of z
@@ -62,4 +68,4 @@ def _summed_cross_entropies(img: jax.Array, txt: jax.Array, scale: jax.Array,
 
   cross_entropies = (jax.nn.logsumexp(img_to_txt, axis=-1) - positives
                      + jax.nn.logsumexp(txt_to_img, axis=-1) - positives)  # [b]
-  return losses.psum(jnp.sum(cross_entropies), axes) / (2 * global_batch)
+  return exchange.psum(jnp.sum(cross_entropies)) / (2 * global_batch)
