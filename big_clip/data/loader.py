@@ -374,17 +374,23 @@ class SourceIterator:
                 ) -> Iterator[tuple[int, int, str, np.ndarray, str]]:
     """(epoch, position after it, skip reason or '', image, caption) from a state on."""
     while True:
-      good = 0
+      bad: dict[str, int] = {}
+      seen = 0
       for pos, code, image, text in self._epoch_fn(self._source, self._process, epoch,
                                                    position).as_numpy_iterator():
-        good += code == 0
+        seen += 1
+        if code:
+          bad[_REASONS[code]] = bad.get(_REASONS[code], 0) + 1
         yield epoch, int(pos) + 1, _REASONS[code], image, text.decode("utf-8")
-      if position == 0 and not good:
+      if position == 0 and sum(bad.values()) == seen:
         raise SourceError(f"{self._source.name} yielded no usable example in a whole epoch "
-                          f"(host {self._process_index} of {self._process_count}); skipped "
-                          f"so far: {self._skipped}. Check the files and "
+                          f"(host {self._process_index} of {self._process_count}); skipped: "
+                          f"{dict(bad, **self._source_skipped())}. Check the files and "
                           "config.data.languages.")
       epoch, position = epoch + 1, 0
+
+  def _source_skipped(self) -> dict[str, int]:
+    return dict(getattr(self._source, "index_skipped", {}))
 
   def _batches(self, epoch: int, position: int):
     images, texts, skipped = [], [], {}
