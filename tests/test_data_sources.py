@@ -444,3 +444,43 @@ def test_bad_data_keys_are_config_errors(key, value, match):
   c.data[key] = value
   with pytest.raises(config_lib.ConfigError, match=match):
     config_lib.validate(c)
+
+
+# ---------------------------------------------------------------------------------------
+# Through train.py: tokenizer from the source's captions, skip counts in the metrics,
+# exact resume of a shards run from its checkpoint.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_training_on_shards_resumes_exactly_and_logs_skipped_examples(tmp_path):
+  from big_clip import train
+
+  examples = [_example(i) for i in range(20)]
+  examples[3] = shards.RawExample("broken", b"\x89PNG not really", "png", {"en": ["x"]})
+  shards.write_shards(examples, str(tmp_path / "s" / "part"), "tar", 5)
+  c = config_lib.base()
+  c.total_steps, c.log_every = 4, 1
+  c.model.embed_dim = 16
+  c.model.image.update(image_size=16, patch_size=8, width=16, depth=1, heads=2, mlp_dim=32)
+  c.model.text.update(vocab_size=512, max_len=8, width=16, depth=1, heads=2, mlp_dim=32)
+  c.data.update(source=f"shards:{tmp_path}/s/part-*.tar", global_batch=8, image_size=16,
+                max_len=8)
+  c.data.languages = {"en": 1.0, "de": 1.0}
+  c.data.tokenizer.vocab_size = 512
+  c.optim.warmup_steps = 1
+  c.checkpoint.update(every_steps=2, use_async=False)
+
+  whole = train.train(c, str(tmp_path / "whole"))
+  train.train(c, str(tmp_path / "cut"), stop_after=2)
+  resumed = train.train(c, str(tmp_path / "cut"))
+  for a, b in zip(jax_leaves(whole["params"]), jax_leaves(resumed["params"])):
+    np.testing.assert_array_equal(a, b)
+  # 19 good examples, batches of 8: step 3 finishes epoch 0, where the broken one was met
+  logged = [json.loads(l) for l in open(tmp_path / "whole" / "metrics.jsonl")]
+  assert logged[-1]["skipped/corrupt_image"] == 1
+  tok = tokenizers.load(str(tmp_path / "whole" / "tokenizer" / "spm.model"), 8)
+  assert tok.decode(tok.encode(["foto 12"]))[0] == "foto 12"
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
