@@ -526,7 +526,10 @@ def caption_corpus(data_cfg: ml_collections.ConfigDict, limit: int = 200_000) ->
       if len(texts) >= limit:
         break
   else:
-    ds = source.builder.as_dataset(split=source.split, shuffle_files=False)
+    import tensorflow_datasets as tfds
+
+    ds = source.builder.as_dataset(split=source.split, shuffle_files=False,
+                                   decoders={"image": tfds.decode.SkipDecoding()})
     for texts_t in ds.map(source.caption_fn).as_numpy_iterator():
       texts += [t.decode("utf-8") for t in texts_t if t.strip()]
       if len(texts) >= limit:
