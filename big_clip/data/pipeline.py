@@ -6,6 +6,9 @@ keyed on (seed, e). Step `s` covers examples [s * global_batch, (s + 1) * global
 host `p` of `P` takes the contiguous slice `s * global_batch + p * local_batch + [0,
 local_batch)`. So hosts are disjoint, their union is the batch a single host would see, and
 the iterator's whole state is the index of the next example.
+
+`make()` serves the other sources (tfds:, shards:, manifest:) through `loader.SourceIterator`,
+which yields the same batches and has the same get_state / set_state / skipped / close.
 """
 
 from __future__ import annotations
