@@ -100,6 +100,13 @@ def base() -> ml_collections.ConfigDict:
       tokenizer=dict(path="", vocab_size=32000),  # path '' = train at first use in the workdir
       mean=CLIP_MEAN,
       std=CLIP_STD,
+      # Real sources (tfds:, shards:, manifest:; see big_clip/data/loader.py):
+      split="train",  # manifest split; tfds split when the source names none
+      data_dir="",  # tfds data_dir ('' = tfds's default)
+      text_language="en",  # language of plain-text captions (.txt, tfds text/labels)
+      crop_min_scale=0.9,  # random-resized crop area fraction (open_clip); >= 1: centre crop
+      long_caption_prob=0.0,  # P(use the 'long_captions' field when an image has one)
+      shuffle_buffer=10_000,  # tfds only: seeded shuffle buffer after the file shuffle
   )
   c.optim = dict(
       lr=1e-3,
@@ -241,6 +248,15 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"'grouped' (got {c.loss.name!r}); set loss.name='grouped' or group_size=0.")
   need(bool(c.data.languages), "config.data.languages is empty; name at least one language.")
   need(c.checkpoint.keep >= 1, "config.checkpoint.keep must be >= 1.")
+  need(0 < c.data.crop_min_scale, f"config.data.crop_min_scale={c.data.crop_min_scale} must "
+       "be > 0 (an area fraction; >= 1 turns the random crop off).")
+  need(0 <= c.data.long_caption_prob <= 1, f"config.data.long_caption_prob="
+       f"{c.data.long_caption_prob} must be a probability in [0, 1].")
+  need(c.data.shuffle_buffer >= 0, "config.data.shuffle_buffer must be >= 0.")
+  need(all(float(w) >= 0 for w in c.data.languages.values()),
+       f"config.data.languages={dict(c.data.languages)} has a negative weight.")
+  need(c.data.source.partition(":")[2] != "" or c.data.source == "embedded",
+       f"config.data.source={c.data.source!r} names no location, e.g. 'shards:/data/*.tar'.")
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, data_parallel: int,

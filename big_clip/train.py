@@ -155,13 +155,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 # Building blocks shared with evaluate.py.
 # ---------------------------------------------------------------------------------------------
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizers.SpmTokenizer:
-  from big_clip.data import sources
-
-  if not config.data.tokenizer.path and config.data.source != "embedded":
-    raise ValueError("config.data.tokenizer.path is empty; for a non-embedded source train a "
-                     "sentencepiece model first (tools/train_spm.py) and set its path.")
   tok_dir_ready = os.path.exists(os.path.join(workdir, "tokenizer", "spm.model"))
-  corpus = lambda: sources.caption_corpus(n=60_000, seed=config.seed)
+  # path '': trained on the source's own captions (tools/train_spm.py does the same offline).
+  corpus = lambda: pipeline.caption_corpus(config.data, config.seed)
   if jax.process_count() > 1 and not config.data.tokenizer.path and not tok_dir_ready:
     # One process trains it; the others wait, then load the same file.
     from jax.experimental import multihost_utils
@@ -349,6 +345,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
       t_log, step_log = now, step
       last.update(steps_per_s=steps_per_s,
                   examples_per_s=steps_per_s * config.data.global_batch)
+      last.update({f"skipped/{k}": v for k, v in data_iter.skipped().items()})
       metrics_log.write(step, last)
       logging.info("step %d/%d  loss %.4f  lr %.2e  scale %.1f  %.2f steps/s  %.0f ex/s  ETA %s",
                    step, config.total_steps, last["loss"], last["lr"], last["logit_scale"],
@@ -367,6 +364,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
 
   ckpt.wait_until_finished()
   ckpt.close()
+  data_iter.close()
+  if data_iter.skipped():
+    logging.info("Data: skipped examples by reason (this host): %s", data_iter.skipped())
   metrics_log.close()
   return {"step": step, "metrics": last, "eval": records, "compile_seconds": setup.compile_seconds,
           "params": state["params"]}

@@ -6,6 +6,9 @@ keyed on (seed, e). Step `s` covers examples [s * global_batch, (s + 1) * global
 host `p` of `P` takes the contiguous slice `s * global_batch + p * local_batch + [0,
 local_batch)`. So hosts are disjoint, their union is the batch a single host would see, and
 the iterator's whole state is the index of the next example.
+
+`make()` serves the other sources (tfds:, shards:, manifest:) through `loader.SourceIterator`,
+which yields the same batches and has the same get_state / set_state / skipped / close.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from big_clip.data import sources
 
 SOURCES = ("embedded",)
+REAL_SOURCES = ("tfds:", "shards:", "manifest:")  # big_clip/data/loader.py
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CAPTION_STREAM = 1  # rng entropy tag: captions get a stream apart from the image's
@@ -146,6 +150,10 @@ class EmbeddedIterator:
       future.cancel()
     self._pending.clear()
 
+  def skipped(self) -> dict[str, int]:
+    """Skipped examples by reason: none, the embedded data is generated well-formed."""
+    return {}
+
   def get_state(self) -> dict[str, Any]:
     """JSON-serializable position: resuming from it yields exactly the next batches."""
     return {"next_example": self._next_example, "seed": self._seed}
@@ -173,11 +181,13 @@ class EmbeddedIterator:
 
 
 def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count: int, *,
-         tokenizer: Tokenizer, seed: int, prefetch: int = 2) -> EmbeddedIterator:
-  """The iterator of `data_cfg.source` that yields this host's slice of every global batch."""
-  if data_cfg.source not in SOURCES:
-    raise ValueError(f"config.data.source={data_cfg.source!r} is not supported yet; allowed: "
-                     f"{SOURCES}.")
+         tokenizer: Tokenizer, seed: int, prefetch: int = 2) -> Any:
+  """The iterator of `data_cfg.source` that yields this host's slice of every global batch:
+  `EmbeddedIterator` for 'embedded', else `loader.SourceIterator` (tfds:, shards:,
+  manifest:). Both yield {'image', 'text'} and have get_state/set_state/skipped/close."""
+  if data_cfg.source not in SOURCES and not data_cfg.source.startswith(REAL_SOURCES):
+    raise ValueError(f"config.data.source={data_cfg.source!r} is not supported; allowed: "
+                     f"'embedded' or {', '.join(p + '...' for p in REAL_SOURCES)}.")
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   if data_cfg.global_batch % process_count:
@@ -187,4 +197,19 @@ def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count:
   if tokenizer_len != data_cfg.max_len:
     raise ValueError(f"The tokenizer pads to {tokenizer_len} tokens but config.data.max_len="
                      f"{data_cfg.max_len}; build the tokenizer with the config's max_len.")
+  if data_cfg.source != "embedded":
+    from big_clip.data import loader  # TensorFlow: imported only for real sources
+
+    mean, std = _mean_std(data_cfg.mean, data_cfg.std)
+    return loader.SourceIterator(data_cfg, process_index, process_count, tokenizer, seed,
+                                 prefetch, normalize=lambda x: normalize(x, mean, std))
   return EmbeddedIterator(data_cfg, process_index, process_count, tokenizer, seed, prefetch)
+
+
+def caption_corpus(data_cfg: ml_collections.ConfigDict, seed: int) -> list[str]:
+  """Text to train the source's sentencepiece model on when config.data.tokenizer.path=''."""
+  if data_cfg.source == "embedded":
+    return sources.caption_corpus(n=60_000, seed=seed)
+  from big_clip.data import loader
+
+  return loader.caption_corpus(data_cfg)

@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizers: train one from text, load it, encode captions to fixed length.
+"""Tokenizers: sentencepiece (train one from text, load it) or a Hugging Face `tokenizer.json`
+(through the `tokenizers` library); both encode captions to fixed-length int32 rows.
 
 Ids: pad 0, unk 1, bos 2, eos 3 (the text tower pools at the EOS token, CLIP style, and
 masks padding by id 0). Byte fallback means no text ever becomes <unk>: a character the
@@ -127,13 +128,65 @@ class SpmTokenizer:
     return self._sp.decode([i for i in row if i != self.pad_id])
 
 
+class HfTokenizer:
+  """A Hugging Face `tokenizer.json` (e.g. CLIP's BPE, XLM-R's unigram) via `tokenizers`.
+
+  Rows are the tokenizer's own encoding with its special tokens (its post-processor adds
+  them, e.g. CLIP's <|startoftext|> ... <|endoftext|>), cut to `max_len` keeping the last
+  special token, padded with `pad_id` (the tokenizer's pad token, else 0). Set
+  config.model.text.eos_id / pad_id (or pool='argmax' for CLIP) to match.
+  """
+
+  def __init__(self, path: str, max_len: int):
+    import tokenizers as hf_tokenizers
+
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"No Hugging Face tokenizer at {path!r}; set "
+                              "config.data.tokenizer.path to a tokenizer.json file.")
+    self.model_path, self.max_len = path, max_len
+    self._tok = hf_tokenizers.Tokenizer.from_file(path)
+    pad = next((t for t in ("<pad>", "[PAD]", "<|pad|>") if self._tok.token_to_id(t)
+                is not None), None)
+    self.pad_id = self._tok.token_to_id(pad) if pad else PAD_ID
+    eos = next((t for t in ("</s>", "<|endoftext|>", "[SEP]", "<eos>")
+                if self._tok.token_to_id(t) is not None), None)
+    self.eos_id = self._tok.token_to_id(eos) if eos is not None else None
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    if isinstance(texts, str):
+      raise TypeError("encode() takes a sequence of texts; wrap a single text in a list.")
+    tokens = np.full((len(texts), self.max_len), self.pad_id, np.int32)
+    for row, enc in enumerate(self._tok.encode_batch(list(texts))):
+      ids = enc.ids
+      if len(ids) > self.max_len:  # keep the closing special token (EOS) when there is one
+        ids = ids[:self.max_len - 1] + ids[-1:] if ids[-1] == self.eos_id else \
+            ids[:self.max_len]
+      tokens[row, :len(ids)] = ids
+    return tokens
+
+  def decode(self, ids: np.ndarray | Sequence[int]) -> str | list[str]:
+    ids = np.asarray(ids)
+    if ids.ndim == 2:
+      return [self.decode(row) for row in ids]
+    return self._tok.decode([int(i) for i in ids if i != self.pad_id])
+
+
+def load(path: str, max_len: int) -> SpmTokenizer | HfTokenizer:
+  """A `.json` path is a Hugging Face tokenizer; anything else a sentencepiece model."""
+  return HfTokenizer(path, max_len) if path.endswith(".json") else SpmTokenizer(path, max_len)
+
+
 def get_or_train(tok_cfg: ml_collections.ConfigDict, workdir: str,
                  corpus_fn: Callable[[], list[str]], max_len: int) -> SpmTokenizer:
   """The tokenizer at `tok_cfg.path`; or, when that is '', the one cached in the workdir,
   trained on `corpus_fn()` the first time."""
   if tok_cfg.path:
     logging.info("Tokenizer: loading %s", tok_cfg.path)
-    return SpmTokenizer(tok_cfg.path, max_len)
+    return load(tok_cfg.path, max_len)
   path = os.path.join(workdir, _DEFAULT_FILE)
   if os.path.exists(path):
     tokenizer = SpmTokenizer(path, max_len)

@@ -1,0 +1,72 @@
+r"""A small multilingual CLIP on real photos: Flickr8k images with Multi30K captions.
+
+Trains on the 'train' split of `../shared/data/flickr8k_multi30k/manifest.json` (872 photos,
+captions in English, German, French, Czech and machine-translated Spanish, Ukrainian,
+Chinese, Arabic), every language sampled equally; per image one caption is drawn from the
+chosen language's captions. A sentencepiece model is trained on the split's captions at
+first use and cached in the workdir (or name one made by tools/train_spm.py in
+config.data.tokenizer.path).
+
+  python -m big_clip.train --config configs/flickr_multi30k.py --workdir /tmp/big_clip_flickr
+
+The manifest is looked up next to the repository (`../shared/data/flickr8k_multi30k/`); set
+BIG_CLIP_FLICKR_MANIFEST=/path/to/manifest.json to read it from elsewhere. If it is absent
+the run stops with the path it looked at (the folder is built by its `build.py` from the
+Flickr8k images and the Multi30K / Multiscript30K caption files; see its README.md).
+`--config configs/flickr_multi30k.py:local` is a 20-step smoke run.
+"""
+
+import os
+
+from absl import logging
+
+from big_clip import config as config_lib
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MANIFEST = os.path.join(_REPO, "..", "shared", "data", "flickr8k_multi30k",
+                                "manifest.json")
+LANGUAGES = ("en", "de", "fr", "cs", "es", "uk", "zh-Hans", "ar")
+
+
+def manifest_path() -> str:
+  path = os.path.normpath(os.environ.get("BIG_CLIP_FLICKR_MANIFEST", DEFAULT_MANIFEST))
+  if not os.path.exists(path):
+    logging.warning("configs/flickr_multi30k.py: no manifest at %s; put the flickr8k_multi30k "
+                    "folder in ../shared/data/ next to the repository or set "
+                    "BIG_CLIP_FLICKR_MANIFEST=/path/to/manifest.json.", path)
+  return path
+
+
+def get_config(arg: str | None = None):
+  c = config_lib.base()
+  c.seed = 0
+  c.total_steps = 300
+  c.log_every = 25
+
+  # ~1.5M parameters, 64 px: a few minutes on 2 CPU cores.
+  c.model.embed_dim = 128
+  c.model.image.update(image_size=64, patch_size=8, width=128, depth=3, heads=4, mlp_dim=512,
+                       pool="cls")
+  c.model.text.update(vocab_size=4096, max_len=32, width=128, depth=3, heads=4, mlp_dim=512,
+                      pool="eos")
+
+  c.loss.name = "softmax"
+  c.data.update(source=f"manifest:{manifest_path()}", split="train", global_batch=64,
+                image_size=64, max_len=32, crop_min_scale=0.5)
+  c.data.languages = {lang: 1.0 for lang in LANGUAGES}
+  # Unigram, byte fallback; 8 scripts incl. Chinese need a few thousand pieces.
+  c.data.tokenizer.update(path="", vocab_size=4096)
+
+  c.optim.update(lr=5e-4, warmup_steps=30, weight_decay=0.1, b2=0.98, clip_norm=1.0)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  c.checkpoint.update(every_steps=100, keep=2)
+  c.eval.update(every_steps=10_000)  # retrieval eval on the val/test splits: evaluate.py
+
+  if arg == "local":
+    c.total_steps = 20
+    c.log_every = 5
+    c.data.global_batch = 16
+    c.checkpoint.every_steps = 20
+  elif arg:
+    raise ValueError(f"configs/flickr_multi30k.py: unknown argument {arg!r}; allowed: local.")
+  return c
