@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 
 from big_clip import sharding
 from big_clip.evals import datasets, labels as labels_lib, metrics as metrics_lib, specs
-from big_clip.evals.metrics import classification_metrics  # noqa: F401  (public API)
+from big_clip.evals.metrics import classification_metrics
 
 ZEROSHOT, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
 
@@ -273,6 +273,9 @@ class Retrieval:
       owner = self.owner[lang]
       keep_text = ok[owner]
       images = np.unique(owner[keep_text])  # images with a caption in this language
+      if not len(images):
+        logging.warning("%s/%s: no decodable image has a caption; skipped.", self.name, lang)
+        continue
       txt_emb = self.towers.texts(params, self.tokens[lang], desc=f"{self.name}: {lang} texts")
       scores = img_emb[images] @ txt_emb[keep_text].T
       text_to_image = np.searchsorted(images, owner[keep_text])

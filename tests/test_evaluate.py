@@ -290,8 +290,21 @@ def test_a_language_subset_and_the_shipped_default_templates(tmp_path, labelled_
   assert ev.tokens["de"].shape[0] == 4 * n_templates  # English templates as the fallback
 
 
+def test_a_manifest_takes_its_number_of_classes_from_the_class_name_file(tmp_path,
+                                                                       labelled_manifest, mesh):
+  # Labels 0..3 in the data, 6 classes in the file (classes 4, 5 have no test images).
+  cn = write_json(tmp_path / "cn.json", {"en": ["r", "g", "b", "y", "c", "m"]})
+  ev, params = zeroshot(f"zeroshot:manifest:{labelled_manifest}:test,classnames={cn}", mesh)
+  assert ev.classes["en"].tolist() == list(range(6))
+  (row,) = ev.run(params)
+  assert row["num_classes"] == 6 and row["metrics"]["chance"] == pytest.approx(1 / 6)
+  assert "acc5" in row["metrics"]
+
+
 @pytest.mark.parametrize("files, spec_extra, error", [
-    ({"cn": {"en": ["a", "b", "c"]}}, "", "has 3 class names but the dataset has 4"),
+    ({"cn": {"en": ["a", "b", "c"]}}, "", "the data has label 3 but the file names 3 classes"),
+    ({"cn": {"en": ["a", "b", "c", "d"], "de": ["a", "b", "c"]}}, "",
+     r"different numbers of class names \[3, 4\]"),
     ({"cn": {"en": ["a", "b", "c", "d"]}, "tp": {"en": ["{c}"], "xx": ["{c}"]}},
      ",templates={tp}", r"languages \['xx'\] have templates but no class names"),
     ({"cn": {"en": ["a", "b", "c", "d"]}}, ",languages=en+sw",
@@ -300,7 +313,6 @@ def test_a_language_subset_and_the_shipped_default_templates(tmp_path, labelled_
      "'\\{c\\}' slot"),
     ({"cn": {"en": ["a", "b", "c", "d"]}, "gp": {"g": ["en", "de"]}}, ",groups={gp}",
      r"group 'g' names \['de'\]"),
-    ({"cn": {"en": {"0": "a", "9": "b"}}}, "", "class index '9'"),
     ({"cn": {"en": ["a", "b", "c", "d"], "de": [None] * 4}}, "", "'de' names no class"),
     ({"cn": {"en": ["a", "b", "c", "d"]}, "tp": {"de": ["{c}"]}}, ",templates={tp}",
      r"languages \['de'\] have templates but no class names"),
@@ -312,6 +324,17 @@ def test_bad_label_files_are_named_errors(tmp_path, labelled_manifest, mesh, fil
           spec_extra.format(**paths))
   with pytest.raises(ValueError, match=error):
     zeroshot(spec, mesh)
+
+
+def test_a_class_name_file_must_fit_a_dataset_that_knows_its_classes(tmp_path, mesh):
+  for c, name in enumerate(["cat", "dog"]):
+    os.makedirs(tmp_path / "imgs" / name)
+    solid_png(tmp_path / "imgs" / name / "0.png", COLOURS[c], c)
+  for names, error in [({"en": ["a", "b", "c"]}, "has 3 class names but the dataset has 2"),
+                       ({"en": {"0": "a", "2": "b"}}, "class index '2' is not an integer in 0..1")]:
+    cn = write_json(tmp_path / "cn.json", names)
+    with pytest.raises(labels.LabelFileError, match=error):
+      zeroshot(f"zeroshot:folder:{tmp_path / 'imgs'},classnames={cn}", mesh)
 
 
 def test_a_manifest_without_labels_or_without_classnames_is_an_error(tmp_path, mesh):

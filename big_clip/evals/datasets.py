@@ -59,7 +59,7 @@ class LabelledSet:
   name: str
   images: ImageSet
   labels: np.ndarray                              # int32 [N]
-  num_classes: int
+  num_classes: int | None                        # None: the class-name file says
   classnames: dict[str, list[str | None]] | None  # the dataset's own names, if it has them
 
 
@@ -81,7 +81,7 @@ def _from_manifest(spec: EvalSpec, image_size: int) -> LabelledSet:
   labels = np.asarray([it.label for it in items], np.int32)
   paths = [it.image for it in items]
   images = ImageSet(paths, lambda i: manifest_lib.read_image(paths[i], image_size), image_size)
-  return LabelledSet(m.name, images, labels, int(labels.max()) + 1, None)
+  return LabelledSet(m.name, images, labels, None, None)
 
 
 def _from_folder(spec: EvalSpec, image_size: int) -> LabelledSet:
