@@ -344,32 +344,48 @@ def records_to_scalars(records: list[dict]) -> dict[str, float]:
   return out
 
 
-_COLUMNS = {
-    ZEROSHOT: [("acc1", "acc1"), ("acc5", "acc5"), ("mean_per_class_recall", "mpcr")],
-    RETRIEVAL: [(f"{way}_retrieval_recall@{k}", f"{arrow}R@{k}")
-                for way, arrow in (("image", "T>I "), ("text", "I>T ")) for k in (1, 5, 10)],
-}
+_RETRIEVAL_COLUMNS = [(f"{way}_retrieval_recall@{k}", f"{arrow} R@{k}")
+                      for way, arrow in (("image", "T>I"), ("text", "I>T")) for k in (1, 5, 10)]
+
+
+def _zeroshot_table(rows: list[dict]) -> list[str]:
+  """Languages as rows, datasets as columns: acc1 (and x chance); acc5 etc. are in the JSON."""
+  datasets_ = list(dict.fromkeys(r["dataset"] for r in rows))
+  languages = list(dict.fromkeys(r["language"] for r in rows))
+  cell = {(r["dataset"], r["language"]): r["metrics"] for r in rows}
+  width = max(8, *map(len, languages))
+  lines = [f"{'language':<{width}}  " + "  ".join(f"{d:>24}" for d in datasets_)]
+  for lang in languages:
+    row = []
+    for d in datasets_:
+      m = cell.get((d, lang))
+      row.append(f"{100 * m['acc1']:8.1f}% ({m['acc1'] / m['chance']:4.1f}x chance)" if m
+                 else "-")
+    lines.append(f"{lang:<{width}}  " + "  ".join(f"{c:>24}" for c in row))
+  return lines
+
+
+def _retrieval_table(rows: list[dict]) -> list[str]:
+  """A row per (dataset, language): recall@1/5/10 text->image, then image->text."""
+  width = max(len(f"{r['dataset']}  {r['language']}") for r in rows) + 2
+  lines = [f"{'retrieval  language':<{width}}" + "".join(f"{n:>10}" for _, n in _RETRIEVAL_COLUMNS)]
+  for r in rows:
+    cells = "".join(f"{100 * r['metrics'][k]:9.1f}%" for k, _ in _RETRIEVAL_COLUMNS)
+    lines.append(f"{r['dataset'] + '  ' + r['language']:<{width}}{cells}")
+  return lines
 
 
 def print_table(records: list[dict], title: str = "zero-shot evaluation") -> str:
-  """One block per task; a row per (dataset, language), metrics in %. Returns the text too."""
+  """Zero-shot accuracy (languages x datasets) and retrieval recall; returns the text too."""
   if not records:
     return ""
   lines = [title]
-  for task, columns in _COLUMNS.items():
-    rows = [r for r in records if r["task"] == task]
-    if not rows:
-      continue
-    width = max(len(f"{r['dataset']}  {r['language']}") for r in rows) + 2
-    header = "".join(f"{name:>9}" for _, name in columns)
-    lines.append(f"\n{task}\n{'dataset  language':<{width}}{header}" +
-                 ("   chance" if task == ZEROSHOT else ""))
-    for r in rows:
-      m = r["metrics"]
-      cells = "".join(f"{100 * m[k]:8.1f}%" if k in m else f"{'-':>9}" for k, _ in columns)
-      if "chance" in m:
-        cells += f"{100 * m['chance']:8.1f}%"
-      lines.append(f"{r['dataset'] + '  ' + r['language']:<{width}}{cells}")
+  zeroshot = [r for r in records if r["task"] == ZEROSHOT]
+  retrieval = [r for r in records if r["task"] == RETRIEVAL]
+  if zeroshot:
+    lines += _zeroshot_table(zeroshot)
+  if retrieval:
+    lines += ([""] if zeroshot else []) + _retrieval_table(retrieval)
   text = "\n".join(lines)
   if jax.process_index() == 0:
     print(text, flush=True)

@@ -106,7 +106,11 @@ def test_cli_writes_clip_benchmark_lines_equal_to_an_unsharded_evaluation(traine
     assert {"dataset", "model", "task", "language", "metrics", "step"} <= set(r)
     assert r["model"] == "big_clip/tiny_eval" and r["step"] == 1
     assert r["task"] == "zeroshot_classification"
-  assert "embedded_colour  en" in run.stdout and "checkpoint step 1" in run.stdout
+  table = run.stdout.splitlines()
+  assert "checkpoint step 1" in run.stdout and "embedded_colour" in run.stdout
+  printed = next(l for l in table if l.startswith("ru ")).split()[1]  # colour column, in %
+  colour_ru = next(r for r in rows if r["dataset"] == "embedded_colour" and r["language"] == "ru")
+  assert printed == f"{100 * colour_ru['metrics']['acc1']:.1f}%"
   # Training evaluated the same checkpoint with the same Suite: the same numbers.
   in_training = {(r["dataset"], r["language"]): r["metrics"] for r in train_rows}
   for r in rows:
