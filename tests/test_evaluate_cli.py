@@ -1,4 +1,4 @@
-"""The eval binary end to end on a tiny 1-step checkpoint: the CLI writes CLIP_benchmark
+"""The eval binary end to end on a tiny random-init checkpoint: the CLI writes CLIP_benchmark
 JSON lines, and its numbers equal an unsharded float64 NumPy evaluation of the same model
 (zero-shot on the embedded data, retrieval on the shared Flickr8k/Multi30K test split)."""
 
@@ -44,8 +44,9 @@ def get_config(arg=None):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """(config path, config, workdir, the eval records of training): 1 step of a tiny model,
-  checkpoint and in-training evaluation at step 1."""
+  """(config path, config, workdir): a tiny model's initial parameters saved as the
+  checkpoint of step 1 by checkpoints.save, as training saves them (no train step is
+  compiled: the eval binary is under test, and CI time is shared)."""
   tmp = tmp_path_factory.mktemp("evalcli")
   spm = str(tmp / "spm.model")
   tokenizers.train_spm(sources.caption_corpus(n=2000, seed=0), spm, vocab_size=1024)
@@ -54,8 +55,12 @@ def trained(tmp_path_factory):
     f.write(CONFIG.format(path=path, spm=spm))
   config = _load(path)
   workdir = str(tmp / "work")
-  result = train.train(config, workdir)
-  return path, config, workdir, result["eval"]
+  params = nnx.to_pure_dict(nnx.state(train.init_fn(config)()))
+  mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), keep=1, use_async=False)
+  checkpoints.save(mngr, 1, {"params": params}, {"next_example": 0})
+  mngr.wait_until_finished()
+  mngr.close()
+  return path, config, workdir
 
 
 def _load(path):
@@ -90,7 +95,7 @@ def to64(x):
 
 @pytest.mark.slow
 def test_cli_writes_clip_benchmark_lines_equal_to_an_unsharded_evaluation(trained, tmp_path):
-  path, config, workdir, train_rows = trained
+  path, config, workdir = trained
   out = tmp_path / "res.jsonl"
   cmd = [sys.executable, "-m", "big_clip.evaluate", f"--config={path}",
          f"--checkpoint={workdir}/checkpoints/1", f"--output={out}",
@@ -111,11 +116,6 @@ def test_cli_writes_clip_benchmark_lines_equal_to_an_unsharded_evaluation(traine
   printed = next(l for l in table if l.startswith("ru ")).split()[1]  # colour column, in %
   colour_ru = next(r for r in rows if r["dataset"] == "embedded_colour" and r["language"] == "ru")
   assert printed == f"{100 * colour_ru['metrics']['acc1']:.1f}%"
-  # Training evaluated the same checkpoint with the same Suite: the same numbers.
-  in_training = {(r["dataset"], r["language"]): r["metrics"] for r in train_rows}
-  for r in rows:
-    if r["language"] != "mean":
-      assert r["metrics"] == in_training[(r["dataset"], r["language"])]
 
   # The same numbers from the model on one device, ensembling and metrics in float64.
   model, _, _ = unsharded_model(config, workdir)
@@ -139,7 +139,7 @@ def test_cli_writes_clip_benchmark_lines_equal_to_an_unsharded_evaluation(traine
 @pytest.mark.skipif(not os.path.exists(FLICKR),
                     reason=f"the shared Flickr8k/Multi30K set is not at {FLICKR}")
 def test_retrieval_on_the_flickr_test_split_equals_an_unsharded_float64_evaluation(trained):
-  _, config, workdir, _ = trained
+  _, config, workdir = trained
   model, params, graphdef = unsharded_model(config, workdir)
   tok = tokenizers.SpmTokenizer(config.data.tokenizer.path, config.data.max_len)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
