@@ -14,7 +14,6 @@ from flax import nnx
 
 from big_clip import checkpoints, evaluate, sharding, train
 from big_clip.data import manifest, pipeline, sources, tokenizers
-from big_clip.evals import labels
 
 from test_evaluate import ref_classification, ref_ensemble, ref_retrieval
 
@@ -126,7 +125,8 @@ def test_cli_writes_clip_benchmark_lines_equal_to_an_unsharded_evaluation(traine
     task, lang = r["dataset"].split("_")[1], r["language"]
     images, labels_ = sources.zeroshot_set(task, 40, seed=0, image_size=32)
     img = to64(model.encode_image(pipeline.normalize(images)))
-    names, templates = sources.zeroshot_classnames(task, lang), sources.zeroshot_templates(task, lang)
+    names = sources.zeroshot_classnames(task, lang)
+    templates = sources.zeroshot_templates(task, lang)
     prompts = [t.replace("{c}", c) for c in names for t in templates]
     txt = to64(model.encode_text(tok.encode(prompts))).reshape(len(names), len(templates), -1)
     want = ref_classification(img @ ref_ensemble(txt).T, labels_)

@@ -116,7 +116,11 @@ def _from_tfds(spec: EvalSpec, image_size: int) -> LabelledSet:
   if split.split("[")[0] not in builder.info.splits:
     raise ValueError(f"eval {spec.text!r}: tfds dataset {spec.location!r} has no split "
                      f"{split!r}; its splits: {sorted(builder.info.splits)}.")
-  label_feature = builder.info.features["label"]
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise ValueError(f"eval {spec.text!r}: tfds dataset {spec.location!r} needs 'image' and "
+                     f"'label' features; it has {sorted(features)}.")
+  label_feature = features["label"]
   ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()},
                           shuffle_files=False)
   if spec.limit:

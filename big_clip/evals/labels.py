@@ -1,11 +1,10 @@
 """Class-name, prompt-template and language-group files for zero-shot classification.
 
-    classnames: {"en": ["airplane", ...], "de": ["Flugzeug", null, ...]}   a list of K names, null
-                or {"de": {"0": "Flugzeug", "7": "Pferd"}}                   where a language lacks a
-                                                                            class; or index -> name
-    templates:  {"en": ["a photo of a {c}.", ...], "de": [...]}             '{c}' is the class name
-    groups:     {"high": ["en", "de"], "low": ["sw"]}                       Babel-ImageNet's resource
-                                                                            groups, or any grouping
+    classnames: {"en": ["airplane", ...], "de": ["Flugzeug", null, ...]}   K names, null where
+                or {"de": {"0": "Flugzeug", "7": "Pferd"}}                  a language lacks a class
+    templates:  {"en": ["a photo of a {c}.", ...], "de": [...]}            '{c}': the class name
+    groups:     {"high": ["en", "de"], "low": ["sw"]}                      e.g. Babel-ImageNet's
+                                                                           resource groups
 
 A language whose names cover only some classes is evaluated on those classes only
 (Babel-ImageNet protocol, Geigle et al. 2024 §3): its images, K-way among its K classes.

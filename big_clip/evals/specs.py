@@ -15,7 +15,7 @@ Options (after commas): classnames=FILE, templates=FILE, groups=FILE (JSON files
 `evals/labels.py`), languages=en+de (a subset, `+`-separated), data_dir=DIR (tfds),
 limit=N (the first N images), name=NAME (the dataset name in the results).
 
-    zeroshot:tfds:cifar10:test,data_dir=/data/tfds,classnames=big_clip/evals/data/cifar10_classnames.json
+    zeroshot:tfds:cifar10:test,data_dir=/data/tfds,classnames=cifar10_classnames.json
     retrieval:manifest:/data/flickr8k_multi30k/manifest.json:test,languages=en+de
 
 This module imports nothing heavy: `config.validate()` parses every spec of `config.evals`.
