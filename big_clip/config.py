@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+from big_clip.evals import specs as eval_specs
+
 # OpenAI CLIP's pixel statistics (Radford et al. 2021), the default normalization.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -125,6 +127,11 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = dict(every_steps=500, keep=3, use_async=True)
   c.eval = dict(every_steps=500, zeroshot_tasks=("colour", "shape"), num_images=600,
                 batch_size=200)
+  # What the eval Suite runs (in training every eval.every_steps, and in
+  # `python -m big_clip.evaluate`): spec strings, grammar in big_clip/evals/specs.py, e.g.
+  # 'zeroshot:tfds:cifar10:test,classnames=FILE', 'retrieval:manifest:PATH:test'. The bare
+  # 'zeroshot:embedded' runs eval.zeroshot_tasks when training on the embedded data.
+  c.evals = ("zeroshot:embedded",)
   c.lock()  # no new keys: a misspelled key in a recipe fails where it is written
   for key in FREE_MAPPINGS:  # ...except inside free mappings (language -> weight)
     section, name = key.rsplit(".", 1)
@@ -200,6 +207,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from and not config.init_from.startswith(INIT_PREFIXES):
     raise ConfigError(f"config.init_from={config.init_from!r}; allowed: '' or "
                       f"{', '.join(p + 'PATH' for p in INIT_PREFIXES)}.")
+  for spec in config.evals:  # syntax only; files are read when the evals are built
+    try:
+      eval_specs.parse(spec)
+    except eval_specs.SpecError as e:
+      raise ConfigError(f"config.evals: {e}") from e
   _validate_consistency(config)
 
 

@@ -303,7 +303,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   metrics_log = MetricsLog(workdir, first_step)
 
   # ----------------------------------------------------------------------------- Evaluators.
-  evaluator = evaluate.ZeroShotEmbedded(config, tokenizer, graphdef, mesh, model_name)
+  evaluator = evaluate.Suite(config, tokenizer, graphdef, mesh, model_name)
 
   def run_eval(step: int) -> list[dict]:
     records = evaluator.run(state["params"])

@@ -214,14 +214,14 @@ def test_default_quick_run_lowers_the_loss_and_beats_chance_in_every_language(tm
   assert curve[steps[-1]] < 0.7 * curve[steps[0]]
   langs = set(config.data.languages)
   colour = {r["language"]: r["metrics"]["acc1"] / r["metrics"]["chance"]
-            for r in result["eval"] if r["dataset"] == "embedded_colour"}
+            for r in result["eval"]
+            if r["dataset"] == "embedded_colour" and r["language"] in langs}  # not 'mean'
   assert set(colour) == langs
   # 200 steps learn colour in every language (the full run is measured in the README).
   assert min(colour.values()) >= 3.0, colour
   with open(tmp_path / "eval" / "results.jsonl") as f:
     rows = [json.loads(l) for l in f]
-  assert {tuple(sorted(r)) for r in rows} == {("dataset", "language", "metrics", "model",
-                                               "task")}
+  assert all({"dataset", "language", "metrics", "model", "task", "step"} <= set(r) for r in rows)
 
 
 def test_weight_decay_hits_weight_matrices_only_also_when_layers_are_scanned():

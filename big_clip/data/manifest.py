@@ -107,11 +107,16 @@ def read_image(path: str, size: int) -> np.ndarray:
   """
   with tf.io.gfile.GFile(path, "rb") as f:
     data = f.read()
+  return decode_image(data, size, path)
+
+
+def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
+  """`read_image` of encoded bytes (e.g. a tfds image); `name` says where they came from."""
   try:
     img = Image.open(io.BytesIO(data))
     img = img.convert("RGB")
   except Exception as e:  # PIL raises several types for broken files.
-    raise ValueError(f"image {path!r} could not be decoded ({type(e).__name__}: {e}); "
+    raise ValueError(f"image {name!r} could not be decoded ({type(e).__name__}: {e}); "
                      "remove it from the manifest or replace the file") from e
   w, h = img.size
   scale = size / min(w, h)
