@@ -36,6 +36,7 @@ CHOICES = {
     "optim.schedule": ("warmup_cosine", "warmup_constant"),
     "nan_policy": ("stop", "skip"),
     "mesh.multihost": ("auto", "true", "false"),
+    "loss.distill.feature": ("cosine", "mse"),
 }
 
 
@@ -64,15 +65,29 @@ def base() -> ml_collections.ConfigDict:
       image=dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072,
                  pool="cls"),
       text=dict(vocab_size=32000, max_len=64, width=512, depth=12, heads=8, mlp_dim=2048,
-                pool="eos", eos_id=3, pad_id=0),
+                pool="eos", eos_id=3, pad_id=0,
+                # 'big_clip:WORKDIR[:STEP]': start from that run's params, the text positional
+                # table stretched to max_len (Long-CLIP §3.1); '' = random init.
+                stretch_from=""),
   )
-  c.loss = dict(name="softmax")
+  c.loss = dict(
+      name="softmax",
+      # Long-CLIP §3.2: also match the PCA-coarsened image feature to the short caption
+      # (needs data.long_captions > 0; big_clip/losses/long_clip.py).
+      long_clip=dict(enabled=False, short_weight=1.0, num_components=32),
+      # Distillation from a frozen teacher's embeddings (big_clip/losses/distill.py):
+      # teacher = 'big_clip:WORKDIR[:STEP]'; feature term ('cosine' | 'mse') on the text
+      # (and image) embeddings plus KL between similarity matrices at `temperature`.
+      distill=dict(enabled=False, teacher="", feature="cosine", feature_weight=1.0,
+                   kl_weight=1.0, temperature=0.05, contrastive_weight=1.0),
+  )
   c.data = dict(
       source="embedded",
       global_batch=256,  # examples per step over all hosts
       image_size=224,  # must equal model.image.image_size
       max_len=64,  # tokens per caption, must equal model.text.max_len
       languages={"en": 1.0},  # language -> sampling weight
+      long_captions=0.0,  # embedded data: share of long English captions (0 = none)
       tokenizer=dict(path="", vocab_size=32000),  # path '' = train at first use in the workdir
       mean=CLIP_MEAN,
       std=CLIP_STD,
@@ -93,7 +108,8 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1, multihost="auto")
   c.checkpoint = dict(every_steps=500, keep=3, use_async=True)
   c.eval = dict(every_steps=500, zeroshot_tasks=("colour", "shape"), num_images=600,
-                batch_size=200)
+                batch_size=200,
+                long_caption_images=0)  # >0: image <-> long-caption retrieval on that many
   c.lock()  # no new keys: a misspelled key in a recipe fails where it is written
   for key in FREE_MAPPINGS:  # ...except inside free mappings (language -> weight)
     section, name = key.rsplit(".", 1)
@@ -196,6 +212,44 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"config.optim.grad_accum_steps={c.optim.grad_accum_steps}.")
   need(bool(c.data.languages), "config.data.languages is empty; name at least one language.")
   need(c.checkpoint.keep >= 1, "config.checkpoint.keep must be >= 1.")
+  _validate_long_captions(c)
+
+
+def _validate_long_captions(c: ml_collections.ConfigDict) -> None:
+  """Long-CLIP, long-caption data and distillation keys (issue 8)."""
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(msg)
+
+  need(0.0 <= c.data.long_captions <= 1.0,
+       f"config.data.long_captions={c.data.long_captions} is a share; use a value in [0, 1].")
+  if c.data.long_captions > 0 or c.eval.long_caption_images > 0:
+    need(c.data.source == "embedded", "config.data.long_captions / "
+         "config.eval.long_caption_images need config.data.source='embedded'.")
+    need(set(c.data.languages) == {"en"}, "The embedded long captions are English only; set "
+         "config.data.languages={'en': 1.0} with config.data.long_captions or "
+         "config.eval.long_caption_images.")
+  need(c.eval.long_caption_images >= 0, "config.eval.long_caption_images must be >= 0.")
+  lc = c.loss.long_clip
+  if lc.enabled:
+    need(c.data.long_captions > 0, "config.loss.long_clip.enabled needs long captions: set "
+         "config.data.long_captions > 0 (each image then also gets its short caption).")
+    # PCA of a batch of B features: at most B - 1 directions carry variance.
+    limit = min(c.data.global_batch // max(c.optim.grad_accum_steps, 1) - 1, c.model.embed_dim)
+    need(1 <= lc.num_components < limit,
+         f"config.loss.long_clip.num_components={lc.num_components} must be in [1, {limit}) "
+         f"(below the contrastive batch - 1 and config.model.embed_dim).")
+    need(lc.short_weight >= 0, "config.loss.long_clip.short_weight must be >= 0.")
+  stretch = c.model.text.stretch_from
+  need(not stretch or stretch.startswith("big_clip:"),
+       f"config.model.text.stretch_from={stretch!r} must be '' or 'big_clip:WORKDIR[:STEP]'.")
+  d = c.loss.distill
+  if d.enabled:
+    need(d.teacher.startswith("big_clip:"), f"config.loss.distill.teacher={d.teacher!r} must "
+         "be 'big_clip:WORKDIR[:STEP]' (a trained or imported big_clip run).")
+    need(d.temperature > 0, "config.loss.distill.temperature must be > 0.")
+    need(min(d.feature_weight, d.kl_weight, d.contrastive_weight) >= 0,
+         "config.loss.distill weights must be >= 0.")
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, data_parallel: int,

@@ -90,6 +90,11 @@ class ZeroShotEmbedded:
     with jax.set_mesh(mesh):
       self.image_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
       self.text_fn = jax.jit(lambda p, t: nnx.merge(graphdef, p).encode_text(t))
+    self.long_captions = None  # image <-> long-caption retrieval (big_clip/eval_long.py)
+    if config.eval.get("long_caption_images", 0):
+      from big_clip import eval_long
+      self.long_captions = eval_long.LongCaptionRetrieval(config, tokenizer, mesh, self.image_fn,
+                                                          self.text_fn, model_name)
 
   def run(self, params: Any) -> list[dict]:
     records = []
@@ -107,6 +112,8 @@ class ZeroShotEmbedded:
           records.append({"dataset": f"embedded_{task}", "model": self.model_name,
                           "task": "zeroshot_classification", "language": lang,
                           "metrics": metrics})
+      if self.long_captions is not None:
+        records += self.long_captions.run(params)
     return records
 
 
@@ -135,6 +142,7 @@ def records_to_scalars(records: list[dict]) -> dict[str, float]:
 
 def print_table(records: list[dict], title: str = "zero-shot accuracy") -> str:
   """Languages as rows, datasets as columns: acc1 (and x chance). Returns the text too."""
+  records = [r for r in records if "acc1" in r["metrics"]]  # classification records only
   if not records:
     return ""
   datasets = sorted({r["dataset"] for r in records})
