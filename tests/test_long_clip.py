@@ -69,7 +69,7 @@ def test_stretch_rejects_shrinking_and_keeping_everything(new_len, keep, match):
 # ----------------------------------------------------------------------------------------
 # Loading a 77-position checkpoint into a 248-position model.
 # ----------------------------------------------------------------------------------------
-def tiny_model_cfg(max_len: int, scan: bool = True) -> ml_collections.ConfigDict:
+def tiny_model_cfg(max_len: int, scan: bool = False) -> ml_collections.ConfigDict:
   c = config_lib.base()
   c.model.update(embed_dim=8, scan_layers=scan)
   c.model.image.update(image_size=8, patch_size=4, width=16, depth=2, heads=2, mlp_dim=32)
@@ -101,9 +101,12 @@ def test_fit_loaded_params_stretches_only_the_positional_table():
 
 
 def init_params(cfg, seed):
-  # Jitted: initializing op by op is far slower than compiling a tiny model.
-  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(TwoTower(cfg, rngs=nnx.Rngs(seed)),
-                                                    nnx.Param)))()
+  """Random float32 params of TwoTower(cfg), drawn in NumPy (no init to compile)."""
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: TwoTower(cfg, rngs=nnx.Rngs(0))),
+                                        nnx.Param))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
+                      abstract)
 
 
 def encode_text(cfg, params, tokens):
@@ -111,24 +114,30 @@ def encode_text(cfg, params, tokens):
   return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p).encode_text(t))(params, tokens))
 
 
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-  """A big_clip workdir whose checkpoint (step 7) has a 24-position text table."""
+@pytest.fixture(scope="module", params=[False, True], ids=["per_layer", "scanned"])
+def short_run(tmp_path_factory, request):
+  """A big_clip workdir whose checkpoint (step 7) has a 24-position text table; its blocks
+  per layer (`blocks.0.…`, restored with string indices) or scanned (`blocks.…` stacked)."""
   workdir = str(tmp_path_factory.mktemp("short_run"))
-  cfg = tiny_model_cfg(24)
+  cfg = tiny_model_cfg(24, scan=request.param)
   params = init_params(cfg, seed=3)
+  save_run(workdir, cfg, params, image_size=8)
+  return workdir, cfg, params
+
+
+def save_run(workdir, model_cfg, params, image_size):
+  """What big_clip.train leaves behind: checkpoints/7 and config.json."""
   mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), keep=1, use_async=False)
   checkpoints.save(mngr, 7, {"step": jnp.int32(7), "params": params}, {"next_example": 0})
   mngr.wait_until_finished()
   mngr.close()
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"model": cfg.to_dict(), "data": {"image_size": 8}}, f)
-  return workdir, cfg, params
+    json.dump({"model": model_cfg.to_dict(), "data": {"image_size": image_size}}, f)
 
 
-def test_warm_start_loads_a_24_position_checkpoint_into_a_56_position_model(short_run):
+def test_warm_start_loads_a_24_position_checkpoint_into_a_36_position_model(short_run):
   workdir, short_cfg, short_params = short_run
-  long_cfg = tiny_model_cfg(56)  # 20 + 4 * (24 - 20)
+  long_cfg = tiny_model_cfg(36, scan=short_cfg.scan_layers)  # 20 + 4 * (24 - 20)
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
   params = init_params(long_cfg, seed=9)
   shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.P()), params)
@@ -136,7 +145,7 @@ def test_warm_start_loads_a_24_position_checkpoint_into_a_56_position_model(shor
   loaded = adapt.warm_start(f"big_clip:{workdir}:7", long_cfg, params)
   got, want = flat(loaded), flat(short_params)
   table = ("text", "positional_embedding")
-  assert got[table].shape == (56, 16)
+  assert got[table].shape == (36, 16)
   np.testing.assert_array_equal(got[table][:20], want[table][:20])
   np.testing.assert_allclose(got[table], long_clip_release_stretch(want[table].astype(float)),
                              atol=1e-6)
@@ -147,11 +156,11 @@ def test_warm_start_loads_a_24_position_checkpoint_into_a_56_position_model(shor
       shardings)))
 
   # Causal attention + identical first 20 positions: a short caption embeds exactly as before;
-  # a 56-token caption runs end to end.
+  # a 36-token caption runs end to end.
   tokens = np.array([[5, 9, 7, 3] + [0] * 14, list(range(4, 21)) + [3]], np.int32)
   np.testing.assert_allclose(encode_text(long_cfg, loaded, tokens),
                              encode_text(short_cfg, short_params, tokens), atol=1e-6)
-  long_tokens = np.array([list(range(4, 31)) * 2 + [5, 3]], np.int32)
+  long_tokens = np.array([list(range(4, 31)) + list(range(4, 11)) + [5, 3]], np.int32)
   assert np.isfinite(encode_text(long_cfg, loaded, long_tokens)).all()
 
 
@@ -245,8 +254,8 @@ def test_long_captions_name_colour_and_shape_only_after_token_77(long_tokenizer)
 
 
 def test_long_caption_batches_carry_short_captions_and_leave_the_default_alone(long_tokenizer):
-  cfg = ml_collections.ConfigDict(dict(global_batch=4, image_size=16, max_len=248,
-                                       languages={"en": 1.0}, long_captions=1.0))
+  cfg = ml_collections.ConfigDict(dict(source="embedded", global_batch=4, image_size=16,
+                                       max_len=248, languages={"en": 1.0}, long_captions=1.0))
   batch = pipeline.make(cfg, 0, 1, tokenizer=long_tokenizer, seed=0, prefetch=0,
                         with_short_captions=True).batch_at(0)
   for row in range(4):
@@ -285,6 +294,57 @@ def test_long_caption_keys_are_validated():
   c.loss.long_clip.enabled = True
   with pytest.raises(config_lib.ConfigError, match="data.long_captions > 0"):
     config_lib.validate(c)
+  c.loss.long_clip.enabled = False
   c.model.text.stretch_from = "/tmp/run"
   with pytest.raises(config_lib.ConfigError, match="stretch_from"):
     config_lib.validate(c)
+
+
+# ----------------------------------------------------------------------------------------
+# End to end: a train step on 248-token captions with the PCE term and a distilled teacher.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_step_on_248_token_captions_with_pce_and_a_stretched_teacher(long_tokenizer,
+                                                                            tmp_path):
+  from big_clip import train
+  from big_clip.losses import distill, softmax
+  from big_clip.models import teacher
+
+  c = config_lib.base()
+  c.model.update(embed_dim=8)
+  c.model.image.update(image_size=16, patch_size=8, width=16, depth=1, heads=2, mlp_dim=32)
+  c.model.text.update(vocab_size=1024, max_len=248, width=16, depth=1, heads=2, mlp_dim=32)
+  c.data.update(global_batch=8, image_size=16, max_len=248, long_captions=1.0)
+  c.data.tokenizer.path = long_tokenizer.model_path
+  c.loss.long_clip.update(enabled=True, num_components=3, short_weight=0.5)
+  # The teacher: a run with 24 text positions (stretched to 248 when loaded).
+  teacher_cfg = ml_collections.ConfigDict(c.to_dict())
+  teacher_cfg.model.text.max_len = 24
+  save_run(str(tmp_path), teacher_cfg.model, init_params(teacher_cfg.model, seed=5),
+           image_size=16)
+  c.loss.distill.update(enabled=True, teacher=f"big_clip:{tmp_path}", kl_weight=0.7,
+                        contrastive_weight=0.5)
+  config_lib.validate(c)
+
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  the_teacher = teacher.Teacher(c.loss.distill.teacher, c, None)
+  data = teacher.WithTeacher(pipeline.make(c.data, 0, 1, tokenizer=long_tokenizer, seed=0,
+                                           prefetch=0, with_short_captions=True), the_teacher)
+  batch = next(data)
+  assert (batch["text"] != 0).sum(1).min() > 150  # long captions, not truncated at 77
+  setup = train.build(c, mesh, teacher_dim=the_teacher.embed_dim)
+  params = jax.device_get(setup.state["params"])
+  _, metrics = setup.step(setup.state, sharding.place_batch(batch, mesh))
+
+  @jax.jit  # the loss from its definition, on one device
+  def want(params, batch):
+    model = nnx.merge(setup.graphdef, params)
+    img, txt = model(batch["image"], batch["text"])
+    scale, _ = model.scale_and_bias()
+    contrastive = long_clip.loss(img, txt, model.encode_text(batch["text_short"]), scale,
+                                 None, num_components=3, short_weight=0.5,
+                                 base_loss=softmax.loss)
+    return 0.5 * contrastive + distill.loss(img, txt, batch["teacher_image"],
+                                            batch["teacher_text"], kl_weight=0.7)
+
+  np.testing.assert_allclose(metrics["loss"], want(params, batch), rtol=1e-4)

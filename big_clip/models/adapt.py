@@ -46,7 +46,7 @@ def fit_loaded_params(flat_params: Mapping[Path, np.ndarray],
     model_cfg: `config.model`; `text.max_len` is the target length.
 
   Returns:
-    A new dict with the same keys: the positional table stretched when it is shorter than
+    A new dict keyed as `expected_shapes`: the positional table stretched when it is shorter than
     `max_len` (`text.stretch_positional_embedding`, first 20 rows kept), every other array
     unchanged (the same object).
 
@@ -54,8 +54,11 @@ def fit_loaded_params(flat_params: Mapping[Path, np.ndarray],
     ValueError naming the tensor when a path is missing or extra, when a shape other than
     the positional table's length differs, or when the table is longer than `max_len`.
   """
+  # Matched by dotted name: a restored checkpoint spells layer indices as strings ('0'),
+  # a live nnx state as ints (0).
   loaded = {_name(k): k for k in flat_params}
   wanted = {_name(k): tuple(v) for k, v in expected_shapes.items()}
+  wanted_keys = {_name(k): k for k in expected_shapes}
   missing, extra = sorted(set(wanted) - set(loaded)), sorted(set(loaded) - set(wanted))
   if missing or extra:
     raise ValueError(f"The loaded parameters do not match the model: missing {missing[:8]}, "
@@ -70,7 +73,7 @@ def fit_loaded_params(flat_params: Mapping[Path, np.ndarray],
     elif np.shape(value) != shape:
       raise ValueError(f"Loaded tensor {name} has shape {np.shape(value)} but the model "
                        f"expects {shape}; only {table_name} may differ (in length).")
-    out[key] = value
+    out[wanted_keys[name]] = value
   return out
 
 

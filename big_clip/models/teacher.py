@@ -2,8 +2,10 @@
 the dual encoder of another big_clip run, loaded with its own `config.json`, whose image and
 text embeddings of each batch are added to the batch as 'teacher_image' / 'teacher_text'.
 
-The teacher reads the student's tokens, so both must use the same tokenizer (checked) and
-the teacher's text positions must cover `config.data.max_len`.
+The teacher reads the student's tokens, so both must use the same tokenizer (checked); a
+teacher with fewer text positions than `config.data.max_len` is stretched on load. It runs
+on the host's default device, batch by batch: right for small teachers; for a large one,
+precompute its embeddings once (the embedding cache of the LLM tower, issue 8).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ class Teacher:
       raise ValueError(f"The teacher {workdir} sees {self.config.data.image_size}px images, "
                        f"this run {config.data.image_size}px; set config.data.image_size to "
                        "the teacher's.")
-    if int(model_cfg.text.max_len) < int(config.data.max_len):
-      raise ValueError(f"The teacher {workdir} has {model_cfg.text.max_len} text positions, "
-                       f"fewer than config.data.max_len={config.data.max_len}.")
+    # A teacher with fewer text positions than the student's captions is stretched on
+    # load (Long-CLIP §3.1), like any checkpoint loaded into a longer model.
+    model_cfg.text.max_len = max(int(model_cfg.text.max_len), int(config.data.max_len))
     if tokenizer_path is not None:
       adapt.check_same_tokenizer(workdir, tokenizer_path)
     abstract = nnx.eval_shape(lambda: two_tower.TwoTower(model_cfg, rngs=nnx.Rngs(0)))
