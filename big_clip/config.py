@@ -41,6 +41,7 @@ CHOICES = {
     "optim.schedule": ("warmup_cosine", "warmup_constant"),
     "nan_policy": ("stop", "skip"),
     "mesh.multihost": ("auto", "true", "false"),
+    "loss.distill.feature": ("cosine", "mse"),
 }
 
 
@@ -71,17 +72,6 @@ def base() -> ml_collections.ConfigDict:
       text=dict(vocab_size=32000, max_len=64, width=512, depth=12, heads=8, mlp_dim=2048,
                 pool="eos", eos_id=3, pad_id=0),
   )
-  # Architecture switches for exact CLIP / SigLIP layouts (big_clip/export.py maps them to
-  # Hugging Face and open_clip); the defaults are OpenAI CLIP's.
-  c.model.ln_eps = 1e-5  # every LayerNorm; SigLIP uses 1e-6
-  c.model.image.ln_pre = True  # LayerNorm before the blocks (CLIP); SigLIP has none
-  c.model.image.proj = True  # linear map to embed_dim; False (SigLIP): embed_dim == width
-  c.model.text.causal = True  # causal self-attention (CLIP); SigLIP attends both ways
-  c.model.text.proj_bias = False  # SigLIP's text head has a bias
-  # Start from pretrained weights when the workdir has no checkpoint (fine-tuning):
-  # 'hf:PATH' (a save_pretrained folder), 'open_clip:PATH' (open_clip_config.json +
-  # a state dict) or 'big_clip:WORKDIR[:STEP]'. '' = random init.
-  c.init_from = ""
   c.loss = dict(
       name="softmax",  # 'softmax' (CLIP), 'sigmoid' (SigLIP), 'grouped' (M2-Encoder)
       group_size=0,  # grouped: data x fsdp devices per contrastive batch; 0 = all devices
@@ -92,13 +82,34 @@ def base() -> ml_collections.ConfigDict:
       # micro-batch's. Unlike optim.grad_accum_steps, which makes each micro-batch its own
       # (smaller) contrastive batch. At most one of the two may be > 1.
       accum_steps=1,
+      # Long-CLIP §3.2: also match the PCA-coarsened image feature to the short caption
+      # (needs data.long_captions > 0; big_clip/losses/long_clip.py).
+      long_clip=dict(enabled=False, short_weight=1.0, num_components=32),
+      # Distillation from a frozen teacher's embeddings (big_clip/losses/distill.py):
+      # teacher = 'big_clip:WORKDIR[:STEP]'; feature term ('cosine' | 'mse') on the text
+      # (and image) embeddings plus KL between similarity matrices at `temperature`.
+      distill=dict(enabled=False, teacher="", feature="cosine", feature_weight=1.0,
+                   kl_weight=1.0, temperature=0.05, contrastive_weight=1.0),
   )
+  # Architecture switches for exact CLIP / SigLIP layouts (big_clip/export.py maps them to
+  # Hugging Face and open_clip); the defaults are OpenAI CLIP's.
+  c.model.ln_eps = 1e-5  # every LayerNorm; SigLIP uses 1e-6
+  c.model.image.ln_pre = True  # LayerNorm before the blocks (CLIP); SigLIP has none
+  c.model.image.proj = True  # linear map to embed_dim; False (SigLIP): embed_dim == width
+  c.model.text.causal = True  # causal self-attention (CLIP); SigLIP attends both ways
+  c.model.text.proj_bias = False  # SigLIP's text head has a bias
+  # Start from pretrained weights when the workdir has no checkpoint (fine-tuning):
+  # 'hf:PATH' (a save_pretrained folder), 'open_clip:PATH' (open_clip_config.json +
+  # a state dict) or 'big_clip:WORKDIR[:STEP]'. '' = random init. A shorter text position
+  # table than model.text.max_len is stretched (Long-CLIP §3.1, models/text.py).
+  c.init_from = ""
   c.data = dict(
       source="embedded",
       global_batch=256,  # examples per step over all hosts
       image_size=224,  # must equal model.image.image_size
       max_len=64,  # tokens per caption, must equal model.text.max_len
       languages={"en": 1.0},  # language -> sampling weight
+      long_captions=0.0,  # embedded data: share of long English captions (0 = none)
       tokenizer=dict(path="", vocab_size=32000),  # path '' = train at first use in the workdir
       mean=CLIP_MEAN,
       std=CLIP_STD,
@@ -126,7 +137,8 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1, multihost="auto")
   c.checkpoint = dict(every_steps=500, keep=3, use_async=True)
   c.eval = dict(every_steps=500, zeroshot_tasks=("colour", "shape"), num_images=600,
-                batch_size=200)
+                batch_size=200,
+                long_caption_images=0)  # >0: image <-> long-caption retrieval on that many
   # What the eval Suite runs (in training every eval.every_steps, and in
   # `python -m big_clip.evaluate`): spec strings, grammar in big_clip/evals/specs.py, e.g.
   # 'zeroshot:tfds:cifar10:test,classnames=FILE', 'retrieval:manifest:PATH:test'. The bare
@@ -269,6 +281,41 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"config.data.languages={dict(c.data.languages)} has a negative weight.")
   need(c.data.source.partition(":")[2] != "" or c.data.source == "embedded",
        f"config.data.source={c.data.source!r} names no location, e.g. 'shards:/data/*.tar'.")
+  _validate_long_captions(c)
+
+
+def _validate_long_captions(c: ml_collections.ConfigDict) -> None:
+  """Long-CLIP, long-caption data and distillation keys (issue 8)."""
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(msg)
+
+  need(0.0 <= c.data.long_captions <= 1.0,
+       f"config.data.long_captions={c.data.long_captions} is a share; use a value in [0, 1].")
+  if c.data.long_captions > 0 or c.eval.long_caption_images > 0:
+    need(c.data.source == "embedded", "config.data.long_captions / "
+         "config.eval.long_caption_images need config.data.source='embedded'.")
+    need(set(c.data.languages) == {"en"}, "The embedded long captions are English only; set "
+         "config.data.languages={'en': 1.0} with config.data.long_captions or "
+         "config.eval.long_caption_images.")
+  need(c.eval.long_caption_images >= 0, "config.eval.long_caption_images must be >= 0.")
+  lc = c.loss.long_clip
+  if lc.enabled:
+    need(c.data.long_captions > 0, "config.loss.long_clip.enabled needs long captions: set "
+         "config.data.long_captions > 0 (each image then also gets its short caption).")
+    # PCA of a batch of B features: at most B - 1 directions carry variance.
+    limit = min(c.data.global_batch // max(c.optim.grad_accum_steps, 1) - 1, c.model.embed_dim)
+    need(1 <= lc.num_components < limit,
+         f"config.loss.long_clip.num_components={lc.num_components} must be in [1, {limit}) "
+         f"(below the contrastive batch - 1 and config.model.embed_dim).")
+    need(lc.short_weight >= 0, "config.loss.long_clip.short_weight must be >= 0.")
+  d = c.loss.distill
+  if d.enabled:
+    need(d.teacher.startswith("big_clip:"), f"config.loss.distill.teacher={d.teacher!r} must "
+         "be 'big_clip:WORKDIR[:STEP]' (a trained or imported big_clip run).")
+    need(d.temperature > 0, "config.loss.distill.temperature must be > 0.")
+    need(min(d.feature_weight, d.kl_weight, d.contrastive_weight) >= 0,
+         "config.loss.distill weights must be >= 0.")
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, data_parallel: int,

@@ -312,6 +312,9 @@ class Suite:
         self.evaluators.append(ZeroShot(spec, config, towers, model_name))
       else:
         self.evaluators.append(Retrieval(spec, towers, model_name))
+    if config.eval.get("long_caption_images", 0):  # image <-> long caption (Long-CLIP)
+      from big_clip import eval_long
+      self.evaluators.append(eval_long.LongCaptionRetrieval(config, towers, model_name))
 
   def run(self, params: Any) -> list[dict]:
     with jax.set_mesh(self.mesh):

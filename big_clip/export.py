@@ -118,13 +118,21 @@ def import_params(flat: Mapping[str, np.ndarray], config: ml_collections.ConfigD
                        if unexpected else []))
         + ". The model config does not describe this checkpoint.")
   pos = "text.positional_embedding"
-  if flat[pos].shape[-1:] == expected[pos].shape[-1:] and flat[pos].shape != expected[pos].shape:
-    # Long-CLIP (Zhang et al. 2024) stretches a 77-position table to 248 (models/text.py).
+  have_len, want_len = flat[pos].shape[0], expected[pos].shape[0]
+  if flat[pos].shape[-1:] == expected[pos].shape[-1:] and have_len < want_len:
+    # Long-CLIP §3.1 (Zhang et al. 2024): a shorter table (77) is stretched to max_len (248),
+    # the first 20 positions kept as trained (models/text.py).
+    from big_clip.models import text as text_tower
+    logging.info("%s: stretching %s from %d to %d positions (Long-CLIP).", source, pos,
+                 have_len, want_len)
+    flat = {**flat, pos: text_tower.stretch_positional_embedding(np.asarray(flat[pos]),
+                                                                 want_len)}
+  elif flat[pos].shape[-1:] == expected[pos].shape[-1:] and have_len > want_len:
     raise ImportMismatchError(
         f"{source}: {name(pos)} has {flat[pos].shape[0]} positions but config.model.text."
-        f"max_len={expected[pos].shape[0]}; a different text length needs positional "
-        "stretching (Long-CLIP), which this import does not apply. Set config.model.text."
-        f"max_len={flat[pos].shape[0]} or stretch the table.")
+        f"max_len={expected[pos].shape[0]}; positional stretching (Long-CLIP) only "
+        "lengthens a table, it never cuts one. Set config.model.text.max_len >= "
+        f"{flat[pos].shape[0]}.")
   for path in sorted(expected):
     got, want = tuple(np.shape(flat[path])), tuple(expected[path].shape)
     if got != want:

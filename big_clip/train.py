@@ -28,9 +28,10 @@ from ml_collections import config_flags
 from big_clip import checkpoints, evaluate, optim, sharding
 from big_clip import config as config_lib
 from big_clip import losses
+from big_clip.losses import auxiliary
 from big_clip.data import pipeline, tokenizers
 from big_clip.losses import grad_cache
-from big_clip.models import two_tower
+from big_clip.models import adapt, two_tower
 
 State = dict[str, Any]  # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'}
 
@@ -94,12 +95,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """A pure `(state, batch) -> (state, metrics)`; jit it with shardings."""
   accum = config.optim.grad_accum_steps
   skip_nonfinite = True  # both policies keep the last finite params; 'stop' raises on host
+  extra_terms = auxiliary.make(config)  # Long-CLIP short captions, distillation (or None)
 
   def compute_loss(params, batch):
     model = nnx.merge(graphdef, params)
     img_emb, txt_emb = model(batch["image"], batch["text"])
     scale, bias = model.scale_and_bias()
-    return loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh), (scale, bias)
+    loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
+    if extra_terms is not None:
+      loss = extra_terms(loss, model, batch, img_emb, txt_emb, scale, bias, mesh=mesh)
+    return loss, (scale, bias)
 
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 
@@ -203,7 +208,8 @@ class Setup:
   compile_seconds: float
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+          teacher_dim: int | None = None) -> Setup:
   """Initializes the state directly in its sharded layout and compiles the step (AOT)."""
   graphdef, abs_params, param_shardings = abstract_params(config, mesh)
   tx, schedule = optim.make(config.optim, config.total_steps)
@@ -232,6 +238,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
       "text": jax.ShapeDtypeStruct((gb, config.data.max_len), jnp.int32,
                                    sharding=batch_sharding),
   }
+  for key, (shape, dtype) in auxiliary.batch_entries(config, teacher_dim).items():
+    abs_batch[key] = jax.ShapeDtypeStruct((gb, *shape), dtype, sharding=batch_sharding)
   with jax.set_mesh(mesh):
     state = jax.jit(init_state, out_shardings=state_shardings)()
     t0 = time.perf_counter()
@@ -279,10 +287,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   # -------------------------------------------------------------------------- Input pipeline.
   tokenizer = build_tokenizer(config, workdir)
   data_iter = pipeline.make(config.data, jax.process_index(), jax.process_count(),
-                            tokenizer=tokenizer, seed=config.seed)
+                            tokenizer=tokenizer, seed=config.seed,
+                            with_short_captions=config.loss.long_clip.enabled)
+  teacher_dim = None
+  if config.loss.distill.enabled:  # the frozen teacher embeds every batch on the host side
+    from big_clip.models import teacher
+    distill_teacher = teacher.Teacher(config.loss.distill.teacher, config, tokenizer.model_path)
+    data_iter, teacher_dim = teacher.WithTeacher(data_iter, distill_teacher), \
+        distill_teacher.embed_dim
 
   # ---------------------------------------------------------------------- Model and optimizer.
-  setup = build(config, mesh)
+  setup = build(config, mesh, teacher_dim)
   state, schedule, compiled_step, graphdef = (setup.state, setup.schedule, setup.step,
                                               setup.graphdef)
   abs_state = checkpoints.abstract_like(state)
@@ -296,7 +311,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
     first_step, state, data_state = restored
     data_iter.set_state(data_state)
     logging.info("Resuming at step %d of %d", first_step, config.total_steps)
-  elif config.init_from:  # fine-tuning: pretrained towers, fresh optimizer state
+  elif config.init_from.startswith("big_clip:"):  # fine-tuning from another big_clip run:
+    # its params, the text positional table stretched to max_len (Long-CLIP §3.1), same
+    # tokenizer required; fresh optimizer state.
+    state["params"] = adapt.warm_start(config.init_from, config.model, state["params"],
+                                       tokenizer.model_path)
+  elif config.init_from:  # hf: / open_clip: pretrained towers, fresh optimizer state
     from big_clip import export
     state["params"] = export.place_like(export.load_pretrained(config.init_from, config),
                                         state["params"])

@@ -241,6 +241,24 @@ def test_a_longer_text_position_table_asks_for_stretching():
     export.import_params(flat, config)
 
 
+def test_a_shorter_text_position_table_is_stretched_on_import():
+  """Long-CLIP §3.1 on import: 24 -> 36 positions, the first 20 rows kept bit for bit."""
+  short, long = tiny_config("clip"), tiny_config("clip")
+  for c, n in ((short, 24), (long, 36)):
+    c.model.text.max_len = c.data.max_len = n
+  flat = export.flat_params(random_params(short))
+  table = flat["text.positional_embedding"]
+  got = export.flat_params(export.import_params(flat, long))
+  stretched = got["text.positional_embedding"]
+  assert stretched.shape == (36, 12)
+  np.testing.assert_array_equal(stretched[:20], table[:20])
+  # Independent check: row 20 + 4i + r interpolates rows 20 + i and 21 + i at r / 4.
+  i, r = 1, 2
+  np.testing.assert_allclose(stretched[20 + 4 * i + r],
+                             (1 - r / 4) * table[20 + i] + r / 4 * table[21 + i], atol=1e-6)
+  assert all(np.array_equal(got[k], flat[k]) for k in flat if k != "text.positional_embedding")
+
+
 def test_settings_a_target_cannot_represent_are_named():
   config = tiny_config("clip")
   config.loss.name = "sigmoid"  # -> SiglipModel, but the towers are CLIP's

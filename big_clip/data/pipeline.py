@@ -29,6 +29,7 @@ REAL_SOURCES = ("tfds:", "shards:", "manifest:")  # big_clip/data/loader.py
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CAPTION_STREAM = 1  # rng entropy tag: captions get a stream apart from the image's
+_LONG_CAPTION_STREAM = 2  # long captions: a stream of their own, short captions unchanged
 
 
 class Tokenizer(Protocol):
@@ -78,6 +79,17 @@ def example(seed: int, index: int, image_size: int, languages: Sequence[str],
   return image, lang, sources.caption(attrs, lang, rng)
 
 
+def long_example(seed: int, index: int, image_size: int, long_share: float
+                 ) -> tuple[np.ndarray, str, str]:
+  """(image, caption, short caption) of training example `index` with long captions on: the
+  caption is the long one with probability `long_share`, else the short English one."""
+  image, attrs = sources.render_example(seed, "train", index, image_size)
+  short = sources.caption(attrs, "en", np.random.default_rng([seed, _CAPTION_STREAM, index]))
+  rng = np.random.default_rng([seed, _LONG_CAPTION_STREAM, index])
+  text = sources.long_caption(attrs, rng) if rng.random() < long_share else short
+  return image, text, short
+
+
 class EmbeddedIterator:
   """Infinite iterator of host-local batches {'image': float32 [b, H, W, 3] normalized,
   'text': int32 [b, max_len]} of the embedded dataset, b = global_batch / process_count.
@@ -85,10 +97,15 @@ class EmbeddedIterator:
   Batches are built `prefetch` steps ahead on a background thread; since each batch is a
   pure function of its step, prefetching changes nothing about what is yielded, and
   `get_state` counts batches handed out, not batches built.
+
+  With `data_cfg.long_captions` > 0 that share of captions is long (English only) and,
+  with `with_short_captions`, 'text_short' holds every image's short caption as well
+  (Long-CLIP §3.2 trains each image with both).
   """
 
   def __init__(self, data_cfg: ml_collections.ConfigDict, process_index: int,
-               process_count: int, tokenizer: Tokenizer, seed: int, prefetch: int = 2):
+               process_count: int, tokenizer: Tokenizer, seed: int, prefetch: int = 2,
+               with_short_captions: bool = False):
     self._global_batch = int(data_cfg.global_batch)
     self._local_batch = self._global_batch // process_count
     self._host_offset = process_index * self._local_batch
@@ -98,6 +115,10 @@ class EmbeddedIterator:
     self._mean, self._std = _mean_std(data_cfg.get("mean", CLIP_MEAN),
                                       data_cfg.get("std", CLIP_STD))
     self._tokenizer, self._seed = tokenizer, int(seed)
+    self._long_share = float(data_cfg.get("long_captions", 0.0))
+    self._with_short = bool(with_short_captions)
+    if self._with_short and self._long_share <= 0:
+      raise ValueError("with_short_captions needs config.data.long_captions > 0.")
     self._next_example = 0  # first example of the next batch handed out (global index)
     self._prefetch = max(0, int(prefetch))
     self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="big_clip_data")
@@ -108,10 +129,15 @@ class EmbeddedIterator:
   def batch_at(self, first_example: int) -> dict[str, np.ndarray]:
     """This host's part of the global batch that starts at `first_example`."""
     start = first_example + self._host_offset
-    images, captions = [], []
+    images, captions, shorts = [], [], []
     for index in range(start, start + self._local_batch):
-      image, _, text = example(self._seed, index, self._image_size, self._languages,
-                               self._cumulative)
+      if self._long_share > 0:
+        image, text, short = long_example(self._seed, index, self._image_size,
+                                          self._long_share)
+        shorts.append(short)
+      else:
+        image, _, text = example(self._seed, index, self._image_size, self._languages,
+                                 self._cumulative)
       images.append(image)
       captions.append(text)
     tokens = self._tokenizer.encode(captions)
@@ -119,8 +145,11 @@ class EmbeddedIterator:
       raise ValueError(f"The tokenizer returned {tokens.shape} tokens for "
                        f"{self._local_batch} captions; expected max_len={self._max_len} "
                        "(config.data.max_len must match the tokenizer's max_len).")
-    return {"image": normalize(np.stack(images), self._mean, self._std),
-            "text": tokens.astype(np.int32)}
+    batch = {"image": normalize(np.stack(images), self._mean, self._std),
+             "text": tokens.astype(np.int32)}
+    if self._with_short:
+      batch["text_short"] = self._tokenizer.encode(shorts).astype(np.int32)
+    return batch
 
   def __iter__(self) -> EmbeddedIterator:
     return self
@@ -181,7 +210,8 @@ class EmbeddedIterator:
 
 
 def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count: int, *,
-         tokenizer: Tokenizer, seed: int, prefetch: int = 2) -> Any:
+         tokenizer: Tokenizer, seed: int, prefetch: int = 2,
+         with_short_captions: bool = False) -> Any:
   """The iterator of `data_cfg.source` that yields this host's slice of every global batch:
   `EmbeddedIterator` for 'embedded', else `loader.SourceIterator` (tfds:, shards:,
   manifest:). Both yield {'image', 'text'} and have get_state/set_state/skipped/close."""
@@ -203,13 +233,15 @@ def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count:
     mean, std = _mean_std(data_cfg.mean, data_cfg.std)
     return loader.SourceIterator(data_cfg, process_index, process_count, tokenizer, seed,
                                  prefetch, normalize=lambda x: normalize(x, mean, std))
-  return EmbeddedIterator(data_cfg, process_index, process_count, tokenizer, seed, prefetch)
+  return EmbeddedIterator(data_cfg, process_index, process_count, tokenizer, seed, prefetch,
+                          with_short_captions)
 
 
 def caption_corpus(data_cfg: ml_collections.ConfigDict, seed: int) -> list[str]:
   """Text to train the source's sentencepiece model on when config.data.tokenizer.path=''."""
   if data_cfg.source == "embedded":
-    return sources.caption_corpus(n=60_000, seed=seed)
+    return sources.caption_corpus(n=60_000, seed=seed,
+                                  long_captions=data_cfg.long_captions > 0)
   from big_clip.data import loader
 
   return loader.caption_corpus(data_cfg)

@@ -241,7 +241,7 @@ def zeroshot_prompts(lang: str) -> list[str]:
           for t in zeroshot_templates(task, lang) for name in zeroshot_classnames(task, lang)]
 
 
-def caption_corpus(n: int, seed: int) -> list[str]:
+def caption_corpus(n: int, seed: int, long_captions: bool = False) -> list[str]:
   """Text to train the embedded dataset's tokenizer on: `n` captions spread evenly over
   the languages, every zero-shot prompt, and a word-shuffled copy of each of these (with
   punctuation split off the words).
@@ -250,10 +250,16 @@ def caption_corpus(n: int, seed: int) -> list[str]:
   and template text repeats whole phrases ("धूसर पृष्ठभूमि पर" always together), so without
   them the words inside fixed phrases never become pieces and such captions are spelled
   letter by letter (Hindi ran past 32 tokens). Word order does not matter to a tokenizer.
+
+  `long_captions` adds n // 8 long English captions (config.data.long_captions > 0), drawn
+  after the short ones so that the rest of the corpus is unchanged.
   """
   rng = np.random.default_rng([seed, 0x5E7])  # a stream of its own, apart from examples
   texts = [caption(random_attrs(rng), EMBEDDED_LANGUAGES[i % len(EMBEDDED_LANGUAGES)], rng)
            for i in range(n)]
+  if long_captions:
+    long_rng = np.random.default_rng([seed, 0x5E7, 0x10C])
+    texts += [long_caption(random_attrs(long_rng), long_rng) for _ in range(n // 8)]
   texts += [p for lang in EMBEDDED_LANGUAGES for p in zeroshot_prompts(lang)]
   shuffled = [" ".join(rng.permutation(words)) for words in map(_words, texts)
               if len(words) > 1]
@@ -322,3 +328,75 @@ def all_captions(attrs: dict, lang: str) -> Sequence[str]:
   scene = _scene(attrs)
   return [*language.full(scene, scene.size), *language.full(scene, None),
           *language.partial(scene), language.bare_shape(scene)]
+
+
+# ---------------------------------------------------------------------------------------
+# Long captions (issue 8: Long-CLIP's setting). Six English sentences, ~190 tokens: the
+# count, size and position come early; then boilerplate that every image shares (how the
+# picture is made); the colour and shape -- what tells most images apart -- come last, past
+# the first 77 tokens, so a text tower that truncates at 77 never sees them.
+# ---------------------------------------------------------------------------------------
+_LONG_OPENINGS = (
+    "this is a small synthetic picture that a computer program drew for a test of how well "
+    "a model can read a long description from its first word to its very last word.",
+    "here is a little synthetic picture, made by a computer program to test whether a model "
+    "reads a long description all the way from the beginning to the very end.",
+)
+_LONG_BACKGROUNDS = (
+    "the background is a calm grey texture with faint soft blotches and a little fine grain, "
+    "and there are no other colours anywhere in it.",
+    "behind everything lies a quiet grey texture, with some faint blotches and a fine grain, "
+    "and it holds no other colour at all.",
+)
+_LONG_OUTLINES = (
+    "every object in the picture is drawn with a dark outline about two pixels wide, so that "
+    "its edges are easy to see against the grey, and all of the objects share one colour "
+    "and one size.",
+    "each object has a dark outline roughly two pixels wide that makes its edge stand out "
+    "from the grey, and all objects in one picture have the same colour and the same size.",
+)
+_LONG_NOTHING_ELSE = (
+    "nothing else is drawn: there is no text, no frame, no shadow and no light, and apart "
+    "from the objects the picture looks the same from one corner to the other.",
+    "there is nothing more to see: no writing, no border, no shadows and no lighting, and "
+    "away from the objects every part of the picture looks alike.",
+)
+_LONG_COUNTS = ("one", "two", "three")
+_LONG_PLACES = ("on the left side of the picture", "on the right side of the picture",
+                "near the top of the picture", "near the bottom of the picture",
+                "right in the centre of the picture")
+
+
+def long_caption(attrs: dict, rng: np.random.Generator) -> str:
+  """A long English caption of `attrs`: an opening, the count, size and position, shared
+  boilerplate, then -- last, past the first 77 tokens -- the colour and the shape."""
+  pick = lambda options: options[int(rng.integers(len(options)))]
+  count, size = attrs["count"], SIZES[attrs["size"]]
+  colour, (shape_sg, shape_pl) = COLOURS[attrs["colour"]], embedded_lang._EN_SHAPES[
+      attrs["shape"]]
+  if count == 1:
+    where = (f"there is exactly one {size} object in the picture, and it sits "
+             f"{_LONG_PLACES[attrs['position']]}.")
+    late = (f"looking closely at that object at last, it is {colour}, and its shape is a "
+            f"{shape_sg}: the picture shows one {colour} {shape_sg}.")
+  else:
+    n = _LONG_COUNTS[count - 1]
+    where = (f"there are {n} {size} objects in the picture, each in its own quarter of it, "
+             "and they never touch each other.")
+    late = (f"looking closely at the objects at last, they are all {colour}, and their shape "
+            f"is the same: the picture shows {n} {colour} {shape_pl}.")
+  return " ".join([pick(_LONG_OPENINGS), where, pick(_LONG_BACKGROUNDS), pick(_LONG_OUTLINES),
+                   pick(_LONG_NOTHING_ELSE), late])
+
+
+LONG_CAPTION_LATE_WORDS = ("colour", "shape")  # the attrs a long caption names last
+
+
+def long_caption_set(n: int, seed: int, image_size: int) -> tuple[np.ndarray, list[str]]:
+  """(images uint8 [n, H, W, 3], one long caption each) from the held-out 'test' split."""
+  images, captions = [], []
+  for index in range(n):
+    image, attrs = render_example(seed, "test", index, image_size)
+    images.append(image)
+    captions.append(long_caption(attrs, np.random.default_rng([seed, 0x10C, index])))
+  return np.stack(images), captions

@@ -5,6 +5,10 @@ token_embedding + positional_embedding[:L] -> blocks (causal) -> pool -> ln_fina
 Layout as OpenAI/HF CLIP: `token_embedding.embedding` is `[vocab, width]`,
 `positional_embedding` is `[max_len, width]`, `proj.kernel` is `[width, embed_dim]`
 (= OpenAI `text_projection`; HF `text_projection.weight` is its transpose).
+
+Long captions: `stretch_positional_embedding` lengthens a trained positional table
+(Long-CLIP's knowledge-preserved stretching, 77 -> 248), applied when loading parameters
+(`big_clip.models.adapt.fit_loaded_params`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,53 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from big_clip import sharding
 from big_clip.models import layers
 
 POOLS = ("eos", "last", "argmax", "final")
+LONG_CLIP_KEEP = 20  # Long-CLIP §3.1: the first 20 positions are kept as trained
+
+
+def stretch_positional_embedding(table: np.ndarray, new_len: int,
+                                 keep: int = LONG_CLIP_KEEP) -> np.ndarray:
+  """Knowledge-preserved stretching (Long-CLIP, Zhang et al. 2024, §3.1): `[L, D]` -> `[new_len, D]`.
+
+  Rows `0..keep-1` are copied bit for bit (they are well trained: most captions are short);
+  rows `keep..L-1` are stretched over positions `keep..new_len-1` by linear interpolation.
+  New row j >= keep samples the old table at `p_j = keep + (j - keep) / ratio`, with
+  `ratio = (new_len - keep) / (L - keep)`, between old rows floor(p_j) and floor(p_j) + 1;
+  the last `ratio - 1` rows lie past row L-1 and continue the last segment's slope. With
+  L=77, keep=20, new_len=248 (ratio 4) this is exactly the Long-CLIP release
+  (`model_longclip.py`): new[20 + 4i + r] = (1 - r/4) old[20 + i] + r/4 old[21 + i] for
+  i < 56, and new[244 + r] = old[76] + r/4 (old[76] - old[75]) for r = 0..3.
+
+  Computed in float64 and returned in the table's dtype.
+  """
+  table = np.asarray(table)
+  if table.ndim != 2:
+    raise ValueError(f"stretch_positional_embedding: the table must be [length, width], got "
+                     f"shape {table.shape}.")
+  length = table.shape[0]
+  if not 0 <= keep < length - 1:
+    raise ValueError(f"stretch_positional_embedding: keep={keep} must be in [0, {length - 1}) "
+                     f"for a table of {length} positions (at least two rows are interpolated); "
+                     f"lower keep.")
+  if new_len < length:
+    raise ValueError(f"stretch_positional_embedding: new_len={new_len} is shorter than the "
+                     f"table ({length} positions); stretching only lengthens. Set "
+                     f"config.model.text.max_len >= {length}.")
+  if new_len == length:
+    return table.copy()
+  ratio = (new_len - keep) / (length - keep)
+  p = keep + (np.arange(keep, new_len, dtype=np.float64) - keep) / ratio  # sample points
+  lo = np.minimum(np.floor(p).astype(np.int64), length - 2)  # tail extrapolates segment L-2
+  frac = (p - lo)[:, None]
+  src = table.astype(np.float64)
+  stretched = (1 - frac) * src[lo] + frac * src[lo + 1]
+  return np.concatenate([table[:keep], stretched.astype(table.dtype)])
 
 
 def pool_index(tokens: jax.Array, pool: str, *, eos_id: int, pad_id: int) -> jax.Array:

@@ -1,0 +1,55 @@
+"""Loss terms added to the contrastive loss by config (issue 8): Long-CLIP's short-caption
+term (`config.loss.long_clip`, losses/long_clip.py) and distillation from a frozen teacher
+(`config.loss.distill`, losses/distill.py). The train step calls `make(config)` once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+
+from big_clip import losses
+
+TEACHER_KEYS = ("teacher_image", "teacher_text")
+
+
+def batch_entries(config: ml_collections.ConfigDict, teacher_dim: int | None = None
+                  ) -> dict[str, tuple[tuple[int, ...], str]]:
+  """The batch entries beyond 'image' and 'text' that the enabled terms read."""
+  out = {}
+  if config.loss.long_clip.enabled:
+    out["text_short"] = ((config.data.max_len,), "int32")
+  if config.loss.distill.enabled:
+    dim = teacher_dim or config.model.embed_dim
+    out.update({k: ((dim,), "float32") for k in TEACHER_KEYS})
+  return out
+
+
+def make(config: ml_collections.ConfigDict) -> Callable[..., jax.Array] | None:
+  """`total(contrastive, model, batch, img_emb, txt_emb, scale, bias, *, mesh)` -> the loss
+  with the enabled terms, or None when none is enabled."""
+  lc, dist = config.loss.long_clip, config.loss.distill
+  if not (lc.enabled or dist.enabled):
+    return None
+  base_loss = losses.get(config.loss.name)
+
+  def total(contrastive: jax.Array, model: Any, batch: dict, img_emb: jax.Array,
+            txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *, mesh) -> jax.Array:
+    out = contrastive
+    if lc.enabled:  # Long-CLIP §3.2: 'text' holds long captions, 'text_short' short ones
+      from big_clip.losses import long_clip
+      out = out + float(lc.short_weight) * long_clip.short_caption_loss(
+          img_emb, model.encode_text(batch["text_short"]), scale, bias,
+          num_components=int(lc.num_components), base_loss=base_loss, mesh=mesh)
+    if dist.enabled:
+      from big_clip.losses import distill
+      out = float(dist.contrastive_weight) * out + distill.loss(
+          img_emb, txt_emb, batch["teacher_image"], batch["teacher_text"],
+          feature=dist.feature, feature_weight=float(dist.feature_weight),
+          kl_weight=float(dist.kl_weight), temperature=float(dist.temperature), mesh=mesh)
+    return out
+
+  return total

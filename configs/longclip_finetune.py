@@ -1,0 +1,90 @@
+r"""Long-CLIP fine-tune (Zhang et al. 2024, arXiv 2403.15378): a trained 77-token CLIP reads
+248 tokens after knowledge-preserved stretching of its positional table (first 20 rows
+kept, the rest interpolated 4x, §3.1), fine-tuned on long captions, optionally with the
+primary-component matching loss for short captions (§3.2).
+
+Pod recipe: ViT-B/16 from a big_clip run (its tokenizer must be the one set below), Long-CLIP's
+hyper-parameters (lr 1e-6, wd 0.01, 200 warmup steps, global batch 1024, one epoch of
+ShareGPT4V's 1.2M long captions):
+
+  python -m big_clip.train --config configs/longclip_finetune.py \
+    --config.init_from=big_clip:gs://$BUCKET/clip_b16 --workdir gs://$BUCKET/lc
+
+On the embedded data (CPU, the benchmark in benchmarks/RESULTS.md "Long captions"): a 77-token
+base model, then the same fine-tune budget at 77 tokens (control) and stretched to 248:
+
+  python -m big_clip.train --config configs/longclip_finetune.py:base77 --workdir /tmp/lc77
+  python -m big_clip.train --config configs/longclip_finetune.py:ft77 --workdir /tmp/lc_ft77 \
+    --config.init_from=big_clip:/tmp/lc77 \
+    --config.data.tokenizer.path=/tmp/lc77/tokenizer/spm.model
+  python -m big_clip.train --config configs/longclip_finetune.py:ft248 --workdir /tmp/lc_ft248 \
+    --config.init_from=big_clip:/tmp/lc77 \
+    --config.data.tokenizer.path=/tmp/lc77/tokenizer/spm.model
+
+`:local` is a 10-step CPU smoke run of the fine-tune (248 tokens, long captions, the
+short-caption PCE loss) from random init, or from a run given by init_from.
+"""
+
+from big_clip import config as config_lib
+
+ARGS = ("base77", "ft77", "ft248", "local")
+
+
+def _embedded(c, *, max_len: int, long_captions: float, steps: int, lr: float) -> None:
+  """The embedded benchmark: towers smaller than configs/default.py's (2 shared CPU cores),
+  English long captions."""
+  c.total_steps, c.log_every = steps, 25
+  c.model.update(embed_dim=64, dtype="float32", remat=False, scan_layers=False)
+  c.model.image.update(image_size=64, patch_size=8, width=64, depth=2, heads=4, mlp_dim=256,
+                       pool="cls")
+  c.model.text.update(vocab_size=1024, max_len=max_len, width=64, depth=2, heads=4,
+                      mlp_dim=256, pool="eos")
+  c.data.update(source="embedded", global_batch=32, image_size=64, max_len=max_len,
+                languages={"en": 1.0}, long_captions=long_captions)
+  c.data.tokenizer.update(path="", vocab_size=1024)
+  c.optim.update(lr=lr, warmup_steps=min(50, steps // 5), weight_decay=0.1)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  c.checkpoint.update(every_steps=steps, keep=1)
+  c.eval.update(every_steps=steps, zeroshot_tasks=("colour", "shape"), num_images=200,
+                long_caption_images=200)
+
+
+def get_config(arg: str | None = None):
+  c = config_lib.base()
+  c.seed = 0
+  c.total_steps = 1200  # 1.2M ShareGPT4V captions / 1024
+  c.log_every = 50
+
+  c.model.update(embed_dim=512, dtype="bfloat16", remat=True, scan_layers=True)
+  c.model.image.update(image_size=224, patch_size=16, width=768, depth=12, heads=12,
+                       mlp_dim=3072, pool="cls")
+  # 248 = 20 + 4 * (77 - 20): the stretched length of a 77-position table.
+  c.model.text.update(vocab_size=32000, max_len=248, width=512, depth=12, heads=8,
+                      mlp_dim=2048, pool="eos")
+  c.loss.name = "softmax"
+  # §3.2's short-caption PCE loss needs a source that yields a short and a long caption per
+  # image; only the embedded source does so far (config.data.long_captions).
+  c.data.update(source="shards:gs://YOUR_BUCKET/sharegpt4v/{00000..01199}.tar",
+                global_batch=1024, image_size=224, max_len=248, languages={"en": 1.0})
+  c.data.tokenizer.update(path="gs://YOUR_BUCKET/tokenizers/spm_en_32k.model",
+                          vocab_size=32000)
+  c.optim.update(lr=1e-6, warmup_steps=200, weight_decay=0.01, b2=0.98, eps=1e-6)
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.checkpoint.update(every_steps=200, keep=2)
+  c.eval.update(every_steps=400)
+
+  if arg == "base77":  # the pretrained CLIP: short captions and truncated long ones
+    _embedded(c, max_len=77, long_captions=0.5, steps=400, lr=1e-3)
+  elif arg in ("ft77", "ft248"):  # the same fine-tune budget, 77 (truncated) or 248 tokens
+    _embedded(c, max_len=int(arg[2:]), long_captions=0.8, steps=200, lr=5e-4)
+    c.loss.long_clip.update(enabled=True, short_weight=1.0, num_components=16)
+  elif arg == "local":
+    config_lib.shrink_for_local(c)
+    c.model.text.max_len = c.data.max_len = 248
+    c.data.update(languages={"en": 1.0}, long_captions=1.0)
+    c.loss.long_clip.update(enabled=True, num_components=4)
+    c.eval.update(long_caption_images=16, num_images=16)
+  elif arg:
+    raise ValueError(f"configs/longclip_finetune.py: unknown argument {arg!r}; allowed: "
+                     f"{', '.join(ARGS)}.")
+  return c
