@@ -147,3 +147,87 @@ def get_or_train(tok_cfg: ml_collections.ConfigDict, workdir: str,
   tokenizer = SpmTokenizer(path, max_len)
   logging.info("Tokenizer: trained %s with %d pieces.", path, tokenizer.vocab_size)
   return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizers (LLM text towers, models/llm.py).
+# ---------------------------------------------------------------------------------------------
+HF_PAD_ID = -1  # no vocabulary has id -1, so padding is never mistaken for a token
+
+
+class HfTokenizer:
+  """A Hugging Face `tokenizer.json` behind SpmTokenizer's interface: `encode(texts)` ->
+  int32 [N, max_len] padded with -1 on the right.
+
+  The tokenizer's own post-processor runs (e.g. Llama's BOS); with `append_eos` the EOS id is
+  appended after truncation (the 'eos' pooling of the LLM tower reads it).
+  """
+
+  def __init__(self, path: str, max_len: int, *, eos_id: int | None = None,
+               append_eos: bool = False):
+    from tokenizers import Tokenizer
+
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"No tokenizer.json at {path!r}; the LLM folder of "
+                              "config.model.text.llm.path needs the fast-tokenizer file.")
+    if append_eos and eos_id is None:
+      raise ValueError(f"{path}: pooling='eos' needs an EOS id but config.json has no "
+                       "eos_token_id; use pooling='mean' or 'last'.")
+    if max_len < 1 + append_eos:
+      raise ValueError(f"max_len={max_len} is too small; set config.data.max_len >= 2.")
+    self.path, self.max_len = path, max_len
+    self._eos_id, self._append_eos = eos_id, append_eos
+    self._tok = Tokenizer.from_file(path)
+    self._tok.no_truncation()
+    self._tok.no_padding()
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  @property
+  def pad_id(self) -> int:
+    return HF_PAD_ID
+
+  @property
+  def eos_id(self) -> int | None:
+    return self._eos_id
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    """int32 [len(texts), max_len]; long texts are cut (the appended EOS is kept)."""
+    if isinstance(texts, str):
+      raise TypeError("encode() takes a sequence of texts; wrap a single text in a list.")
+    tokens = np.full((len(texts), self.max_len), HF_PAD_ID, np.int32)
+    room = self.max_len - self._append_eos
+    for row, enc in enumerate(self._tok.encode_batch(list(texts))):
+      ids = enc.ids[:room] + ([self._eos_id] if self._append_eos else [])
+      tokens[row, :len(ids)] = ids
+    return tokens
+
+  def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]
+             ) -> str | list[str]:
+    ids = np.asarray(ids)
+    if ids.ndim == 2:
+      return [self.decode(row) for row in ids]
+    return self._tok.decode([int(i) for i in ids if i != HF_PAD_ID])
+
+
+def for_llm(model_cfg: ml_collections.ConfigDict, max_len: int):
+  """The text encoder of an LLM tower: its HfTokenizer, or (with `llm.cache_dir`) the
+  embedding cache, checked against the LLM folder, tokenizer, pooling and max_len."""
+  from big_clip.models import llm
+
+  llm_cfg = model_cfg.text.llm
+  spec = llm.LlmSpec.from_folder(llm_cfg.path)
+  tokenizer = HfTokenizer(os.path.join(llm_cfg.path, "tokenizer.json"), max_len,
+                          eos_id=spec.eos_id, append_eos=llm_cfg.pooling == "eos")
+  if tokenizer.vocab_size > spec.vocab_size:
+    raise ValueError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the LLM's "
+                     f"config.json vocab_size is {spec.vocab_size}; they are from different "
+                     "models.")
+  if llm_cfg.cache_dir:
+    from big_clip.data import text_cache
+
+    return text_cache.CachedFeatures(
+        llm_cfg.cache_dir, text_cache.cache_key(llm_cfg.path, llm_cfg.pooling, max_len))
+  return tokenizer
