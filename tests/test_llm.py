@@ -156,3 +156,139 @@ def test_hf_tokenizer_pads_with_minus_one_and_appends_eos(llama):
   assert out[1, -1] == EOS and (out[1] >= 0).all()  # cut, EOS kept last
   short = tokenizers.HfTokenizer(os.path.join(folder, "tokenizer.json"), 8).encode(["diamonds ."])
   assert short[0].tolist() == [2, vocab["diamonds"], vocab["."]] + [-1] * 5
+
+
+def _flat(tree):
+  return {"/".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(tree).items()}
+
+
+def test_lora_at_init_equals_the_base_and_only_lora_and_adapter_train(llama):
+  folder, _ = llama
+  tokens = jnp.asarray(_padded_tokens(folder))
+  base = make_tower(llm_config(folder))
+  lora = make_tower(llm_config(folder, lora_rank=2, lora_targets=llm.LORA_TARGETS))
+  np.testing.assert_allclose(np.asarray(lora.features(tokens)),
+                             np.asarray(base.features(tokens)), rtol=1e-6, atol=1e-6)
+  trainable = {p for p, on in _flat(optim.trainable_mask(lora)).items() if on}
+  assert trainable and all(p.split("/")[-1] in ("lora_a", "lora_b") or p.startswith("adapter/")
+                           for p in trainable), sorted(trainable)
+  assert sum(p.endswith("lora_b") for p in trainable) == 2 * len(llm.LORA_TARGETS)
+
+  # One train step: the frozen base has no optimizer state and does not move; LoRA does.
+  config = llm_config(folder, lora_rank=2, lora_targets=("q_proj", "down_proj"))
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  setup = train.build(config, mesh)
+  before = _flat(jax.device_get(setup.state["params"]))
+  opt_paths = [jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_flatten_with_path(setup.state["opt"])[0]]
+  assert not any("decoder" in p and "lora" not in p for p in opt_paths)
+  assert any("lora_b" in p for p in opt_paths)
+  rng = np.random.default_rng(0)
+  tok = tokenizers.for_llm(config.model, config.data.max_len)
+  batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+           "text": tok.encode((SENTENCES * 2)[:8])}
+  state, _ = setup.step(setup.state, sharding.place_batch(batch, mesh))
+  after = _flat(jax.device_get(state["params"]))
+  for path, value in before.items():
+    moved = np.abs(after[path] - value).max() > 0
+    frozen = path.startswith("text/decoder/") and "lora" not in path
+    if path.endswith("lora_a") or path == "logit_bias":  # grad 0 while B = 0; softmax
+      continue  # loss is invariant to the bias
+    assert moved != frozen, path
+
+
+def test_tower_on_fsdp2_x_tensor4_equals_one_device(llama):
+  folder, _ = llama
+  config = llm_config(folder, pooling="last")
+  captions = SENTENCES + ["a red square ."]
+  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  eight = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  want = text_cache.compute_features(config.model, captions, 12, one, batch_size=8)
+  got = text_cache.compute_features(config.model, captions, 12, eight, batch_size=8)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # ...and the weights really were split over both axes.
+  abstract = nnx.state(nnx.eval_shape(lambda: llm.LlmTextTower(config.model,
+                                                               rngs=nnx.Rngs(0))))
+  specs = _flat(nnx.to_pure_dict(sharding.state_shardings(abstract, eight)))
+  assert tuple(specs["decoder/layers/0/self_attn/q_proj/kernel"].spec) == ("fsdp", "tensor")
+  assert tuple(specs["decoder/layers/0/mlp/down_proj/kernel"].spec) == ("tensor", "fsdp")
+
+
+def _rewrite(src, dst, edit):
+  """A copy of the model folder `src` whose model.safetensors went through `edit(dict)`."""
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  shutil.copytree(src, dst)
+  tensors = load_file(os.path.join(src, llm.SINGLE_FILE))
+  edit(tensors)
+  save_file(tensors, os.path.join(dst, llm.SINGLE_FILE))
+  return str(dst)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("layers.1.mlp.up_proj.weight"), r"layers/1/mlp/up_proj/kernel"),
+    (lambda t: t.update({"layers.0.self_attn.rotary.weight": np.zeros(2, np.float32)}),
+     r"Unexpected tensor 'layers\.0\.self_attn\.rotary\.weight'"),
+    (lambda t: t.update({"layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}),
+     r"'layers\.0\.self_attn\.k_proj\.weight'.*shape \[64, 64\].*expects \[32, 64\]"),
+])
+def test_a_bad_checkpoint_names_the_tensor(qwen, tmp_path, edit, message):
+  folder = _rewrite(qwen[0], tmp_path / "bad", edit)
+  tower = llm.LlmTextTower(llm_config(folder).model, rngs=nnx.Rngs(0))
+  with pytest.raises(llm.CheckpointError, match=message):
+    llm.load_into(tower, folder)
+
+
+@pytest.fixture(scope="module")
+def llama_cache(llama, tmp_path_factory):
+  folder, _ = llama
+  cache_dir = str(tmp_path_factory.mktemp("cache"))
+  captions = SENTENCES + ["a red square .", "a red circle on a grey background ."]  # a repeat
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  text_cache.build(llm_config(folder, adapter_hidden=16).model, captions, 12, cache_dir, mesh,
+                   batch_size=8, shard_size=5)
+  return cache_dir
+
+
+def test_a_stale_cache_is_refused_naming_what_changed(llama, llama_cache):
+  folder, _ = llama
+  index = json.load(open(os.path.join(llama_cache, text_cache.INDEX)))
+  assert index["count"] == 8 and len(index["shards"]) == 2
+  assert len(tokenizers.for_llm(llm_config(folder, cache_dir=llama_cache).model, 12)) == 8
+  with pytest.raises(text_cache.StaleCacheError, match=r"pooling.*'mean' vs run 'last'"):
+    tokenizers.for_llm(llm_config(folder, cache_dir=llama_cache, pooling="last").model, 12)
+  with pytest.raises(text_cache.StaleCacheError, match=r"max_len"):
+    tokenizers.for_llm(llm_config(folder, cache_dir=llama_cache).model, 10)
+  key = text_cache.cache_key(folder, "mean", 12, "float32")
+  with pytest.raises(text_cache.StaleCacheError, match=r"different tokenizer"):
+    text_cache.CachedFeatures(llama_cache, dict(key, tokenizer="0" * 64))
+  with pytest.raises(KeyError, match="not in the embedding cache"):
+    text_cache.CachedFeatures(llama_cache, key).encode(["an unseen caption"])
+
+
+def test_training_on_cached_features_equals_training_with_the_frozen_llm(llama, llama_cache):
+  folder, _ = llama
+  live = llm_config(folder, adapter_hidden=16)
+  cached = llm_config(folder, adapter_hidden=16, cache_dir=llama_cache)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  captions = SENTENCES + ["a red square ."]
+  images = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
+  results = []
+  for config in (live, cached):
+    text = tokenizers.for_llm(config.model, 12).encode(captions)
+    setup = train.build(config, mesh)
+    init = _flat(jax.device_get(setup.state["params"]))
+    state, metrics = setup.step(setup.state, sharding.place_batch(
+        {"image": images, "text": text}, mesh))
+    results.append((init, float(metrics["loss"]), _flat(jax.device_get(state["params"]))))
+  (init_live, loss_live, live_params), (init_cached, loss_cached, cached_params) = results
+  assert set(init_cached) == {p for p in init_live if not p.startswith("text/decoder/")}
+  for path in init_cached:  # the same start, without the decoder
+    np.testing.assert_array_equal(init_cached[path], init_live[path])
+  np.testing.assert_allclose(loss_cached, loss_live, rtol=1e-5)
+  for path in init_cached:  # ...and the same update
+    np.testing.assert_allclose(cached_params[path], live_params[path], rtol=1e-4, atol=1e-6)
+  assert np.abs(cached_params["text/adapter/fc2/kernel"]
+                - init_cached["text/adapter/fc2/kernel"]).max() > 1e-4

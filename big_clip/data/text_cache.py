@@ -10,9 +10,9 @@ folder:
   captions-00000.json     the captions of that shard, in order
 
 `key` says what produced the features: the model (hash of config.json + the weight files'
-names and sizes), the tokenizer (hash of tokenizer.json), the pooling and max_len. A cache
-whose key differs from the run's is refused, naming what changed, instead of silently feeding
-features of another model.
+names and sizes), the tokenizer (hash of tokenizer.json), the pooling, max_len and the
+compute dtype. A cache whose key differs from the run's is refused, naming what changed,
+instead of silently feeding features of another model.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _sha256(chunks: Iterable[bytes]) -> str:
   return h.hexdigest()
 
 
-def cache_key(llm_path: str, pooling: str, max_len: int) -> dict[str, Any]:
+def cache_key(llm_path: str, pooling: str, max_len: int, dtype: str) -> dict[str, Any]:
   """What the cached features depend on. Weight files are identified by name and size, not
   content (hashing 16 GB per run would take minutes); a re-saved model changes config.json."""
   from big_clip.models import llm
@@ -52,7 +52,8 @@ def cache_key(llm_path: str, pooling: str, max_len: int) -> dict[str, Any]:
                                     for p in files])
   with open(os.path.join(llm_path, "tokenizer.json"), "rb") as f:
     tokenizer = _sha256([f.read()])
-  return {"model": model, "tokenizer": tokenizer, "pooling": pooling, "max_len": int(max_len)}
+  return {"model": model, "tokenizer": tokenizer, "pooling": pooling, "max_len": int(max_len),
+          "dtype": dtype}
 
 
 def write(cache_dir: str, captions: Sequence[str], features: np.ndarray, key: Mapping[str, Any],
@@ -133,3 +134,59 @@ class CachedFeatures:
                        f"({len(self)} captions); rebuild the cache over this source.")
       out[i] = self._features[where[0]][where[1]]
     return out
+
+
+def embedded_captions(languages: Sequence[str]) -> list[str]:
+  """Every caption the embedded dataset can draw in `languages`, and every zero-shot prompt
+  (so that training and the zero-shot eval both read from the cache)."""
+  from big_clip.data import sources
+
+  texts: dict[str, None] = {}
+  for lang in languages:
+    for shape in range(len(sources.SHAPES)):
+      for colour in range(len(sources.COLOURS)):
+        for size in range(len(sources.SIZES)):
+          for count in sources.COUNTS:
+            positions = range(len(sources.POSITIONS)) if count == 1 else [sources.NO_POSITION]
+            for position in positions:
+              attrs = dict(shape=shape, colour=colour, size=size, count=count,
+                           position=position)
+              texts.update(dict.fromkeys(sources.all_captions(attrs, lang)))
+    texts.update(dict.fromkeys(sources.zeroshot_prompts(lang)))
+  return list(texts)
+
+
+def compute_features(model_cfg: Any, captions: Sequence[str], max_len: int, mesh: Any,
+                     batch_size: int = 256) -> np.ndarray:
+  """float32 [N, hidden]: pooled features of the frozen LLM of `model_cfg.text.llm.path`,
+  its weights sharded over `mesh` by the logical rules, captions over the batch axes."""
+  import jax
+  from flax import nnx
+
+  from big_clip import evaluate, sharding
+  from big_clip.data import tokenizers
+  from big_clip.models import llm
+
+  tokenizer = tokenizers.HfTokenizer(
+      os.path.join(model_cfg.text.llm.path, "tokenizer.json"), max_len,
+      eos_id=llm.LlmSpec.from_folder(model_cfg.text.llm.path).eos_id,
+      append_eos=model_cfg.text.llm.pooling == "eos")
+  make = lambda: llm.LlmTextTower(model_cfg, rngs=nnx.Rngs(params=0))
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))
+  with jax.set_mesh(mesh):
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=shardings)()
+    llm.load_pretrained(params["decoder"], model_cfg.text.llm.path, shardings["decoder"])
+    features_fn = jax.jit(lambda p, t: nnx.merge(graphdef, p).features(t))
+    return evaluate.embed_batched(features_fn, params, tokenizer.encode(captions), mesh,
+                                  batch_size)
+
+
+def build(model_cfg: Any, captions: Sequence[str], max_len: int, cache_dir: str, mesh: Any,
+          batch_size: int = 256, shard_size: int = 100_000) -> str:
+  """Computes and writes the cache of `captions` (deduplicated, order kept); the index path."""
+  captions = list(dict.fromkeys(captions))
+  features = compute_features(model_cfg, captions, max_len, mesh, batch_size)
+  llm_cfg = model_cfg.text.llm
+  key = cache_key(llm_cfg.path, llm_cfg.pooling, max_len, llm_cfg.dtype)
+  return write(cache_dir, captions, features, key, shard_size)

@@ -229,5 +229,6 @@ def for_llm(model_cfg: ml_collections.ConfigDict, max_len: int):
     from big_clip.data import text_cache
 
     return text_cache.CachedFeatures(
-        llm_cfg.cache_dir, text_cache.cache_key(llm_cfg.path, llm_cfg.pooling, max_len))
+        llm_cfg.cache_dir,
+        text_cache.cache_key(llm_cfg.path, llm_cfg.pooling, max_len, llm_cfg.dtype))
   return tokenizer

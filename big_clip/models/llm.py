@@ -236,8 +236,8 @@ def _weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
 class Projection(nnx.Module):
   """x @ kernel [in, out] (+ bias), plus LoRA (Hu et al. 2021, eq. 3): + (alpha / r) x A B.
 
-  A is drawn (std 1/r, as peft's kaiming-uniform is ~1/sqrt(in) in spirit but ours keeps the
-  update scale independent of `in`), B starts at zero, so at init the output is the base's.
+  A ~ normal(in^-0.5) (the scale of peft's kaiming-uniform init), B = 0, so at init the
+  output is exactly the base's and only B gets a gradient in the first step.
   """
 
   def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool,
@@ -245,13 +245,14 @@ class Projection(nnx.Module):
     self.kernel = _weight(rngs, (d_in, d_out), axes, std=std, frozen=opt.freeze, opt=opt)
     self.bias = (_weight(rngs, (d_out,), axes[1:], std=0, frozen=opt.freeze, opt=opt)
                  if bias else None)
-    self.lora_a = self.lora_b = None
     if lora_rank:
       self.lora_a = layers.param(rngs, nnx.initializers.normal(d_in ** -0.5),
                                  (d_in, lora_rank), (axes[0], "lora"), opt.param_dtype)
       self.lora_b = layers.param(rngs, nnx.initializers.zeros, (lora_rank, d_out),
                                  ("lora", axes[1]), opt.param_dtype)
       self.lora_scale = opt.lora_alpha / lora_rank
+    else:
+      self.lora_a = self.lora_b = None
     self.dtype = opt.dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
