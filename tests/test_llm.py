@@ -174,27 +174,6 @@ def test_lora_at_init_equals_the_base_and_only_lora_and_adapter_train(llama):
                            for p in trainable), sorted(trainable)
   assert sum(p.endswith("lora_b") for p in trainable) == 2 * len(llm.LORA_TARGETS)
 
-  # One train step: the frozen base has no optimizer state and does not move; LoRA does.
-  config = llm_config(folder, lora_rank=2, lora_targets=("q_proj", "down_proj"))
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  setup = train.build(config, mesh)
-  before = _flat(jax.device_get(setup.state["params"]))
-  opt_paths = [jax.tree_util.keystr(p) for p, _ in
-               jax.tree_util.tree_flatten_with_path(setup.state["opt"])[0]]
-  assert not any("decoder" in p and "lora" not in p for p in opt_paths)
-  assert any("lora_b" in p for p in opt_paths)
-  rng = np.random.default_rng(0)
-  tok = tokenizers.for_llm(config.model, config.data.max_len)
-  batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
-           "text": tok.encode((SENTENCES * 2)[:8])}
-  state, _ = setup.step(setup.state, sharding.place_batch(batch, mesh))
-  after = _flat(jax.device_get(state["params"]))
-  for path, value in before.items():
-    moved = np.abs(after[path] - value).max() > 0
-    frozen = path.startswith("text/decoder/") and "lora" not in path
-    if path.endswith("lora_a") or path == "logit_bias":  # grad 0 while B = 0; softmax
-      continue  # loss is invariant to the bias
-    assert moved != frozen, path
 
 
 def test_tower_on_fsdp2_x_tensor4_equals_one_device(llama):
@@ -268,11 +247,20 @@ def test_a_stale_cache_is_refused_naming_what_changed(llama, llama_cache):
     text_cache.CachedFeatures(llama_cache, key).encode(["an unseen caption"])
 
 
-def test_training_on_cached_features_equals_training_with_the_frozen_llm(llama, llama_cache):
+@pytest.fixture(scope="module")
+def one_step_live_and_cached(llama, llama_cache):
+  """One train step on the same batch: (a) the live frozen LLM with LoRA (B = 0 at init, so
+  the same function as the base) and (b) the cached features of the same LLM.
+  Returns [(initial params, loss, params after, optimizer state paths)] for (a), (b)."""
   folder, _ = llama
-  live = llm_config(folder, adapter_hidden=16)
+  live = llm_config(folder, adapter_hidden=16, lora_rank=2, lora_targets=("q_proj", "down_proj"))
   cached = llm_config(folder, adapter_hidden=16, cache_dir=llama_cache)
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  for config in (live, cached):
+    # clip_norm 0: the global norm would include LoRA's gradients. eps 1 (and lr 1): the
+    # first Adam step is ~g / (|g| + 1), smooth in g, so params after the step compare the
+    # gradients; with eps 1e-6 it is ~sign(g), which flips on gradients at rounding level.
+    config.optim.update(clip_norm=0.0, eps=1.0, lr=1.0, weight_decay=0.0)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   captions = SENTENCES + ["a red square ."]
   images = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
   results = []
@@ -280,15 +268,101 @@ def test_training_on_cached_features_equals_training_with_the_frozen_llm(llama, 
     text = tokenizers.for_llm(config.model, 12).encode(captions)
     setup = train.build(config, mesh)
     init = _flat(jax.device_get(setup.state["params"]))
+    opt_paths = [jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(setup.state["opt"])[0]]
     state, metrics = setup.step(setup.state, sharding.place_batch(
         {"image": images, "text": text}, mesh))
-    results.append((init, float(metrics["loss"]), _flat(jax.device_get(state["params"]))))
-  (init_live, loss_live, live_params), (init_cached, loss_cached, cached_params) = results
+    results.append((init, float(metrics["loss"]), _flat(jax.device_get(state["params"])),
+                    opt_paths))
+  return results
+
+
+def test_training_on_cached_features_equals_training_with_the_frozen_llm(
+    one_step_live_and_cached):
+  (init_live, loss_live, live, _), (init_cached, loss_cached, cached, _) = \
+      one_step_live_and_cached
   assert set(init_cached) == {p for p in init_live if not p.startswith("text/decoder/")}
   for path in init_cached:  # the same start, without the decoder
     np.testing.assert_array_equal(init_cached[path], init_live[path])
   np.testing.assert_allclose(loss_cached, loss_live, rtol=1e-5)
   for path in init_cached:  # ...and the same update
-    np.testing.assert_allclose(cached_params[path], live_params[path], rtol=1e-4, atol=1e-6)
-  assert np.abs(cached_params["text/adapter/fc2/kernel"]
+    np.testing.assert_allclose(cached[path], live[path], rtol=1e-4, atol=1e-6)
+  assert np.abs(cached["text/adapter/fc2/kernel"]
                 - init_cached["text/adapter/fc2/kernel"]).max() > 1e-4
+
+
+def test_a_train_step_moves_lora_and_adapter_but_not_the_frozen_base(one_step_live_and_cached):
+  before, _, after, opt_paths = one_step_live_and_cached[0]
+  assert not any("decoder" in p and "lora" not in p for p in opt_paths)  # no Adam state
+  assert any("lora_b" in p for p in opt_paths)
+  for path, value in before.items():
+    if path.endswith("lora_a") or path == "logit_bias":  # grad 0 while B = 0; the softmax
+      continue  # loss is invariant to the bias
+    moved = np.abs(after[path] - value).max() > 0
+    frozen = path.startswith("text/decoder/") and "lora" not in path
+    assert moved != frozen, path
+
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 rope_theta=500000.0, rms_norm_eps=1e-5, eos_token_id=128001)
+
+
+def test_memory_plan_of_the_8b_recipe(tmp_path):
+  """The parameter counts that configs/llm2clip.py's memory plan is built on. Two of the 32
+  layers are built (abstractly) and checked against transformers' own count; the totals add
+  30 more copies of a layer."""
+  two_layers = dict(LLAMA3_8B, num_hidden_layers=2)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"model_type": "llama", **two_layers}, f)
+  config = llm_config(str(tmp_path), lora_rank=16, lora_targets=llm.LORA_TARGETS,
+                      adapter_hidden=4096, dtype="bfloat16")
+  config.model.embed_dim = 1024
+  state = nnx.state(nnx.eval_shape(lambda: llm.LlmTextTower(config.model, rngs=nnx.Rngs(0))))
+  frozen = _flat(nnx.to_pure_dict(nnx.state(state, llm.Frozen)))
+  trainable = _flat(nnx.to_pure_dict(nnx.state(state, nnx.Param)))
+  count = lambda flat, keep=lambda p: True: sum(v.size for p, v in flat.items() if keep(p))
+  with torch.device("meta"):
+    hf = transformers.LlamaModel(transformers.LlamaConfig(**two_layers))
+  assert count(frozen) == sum(p.numel() for p in hf.parameters())  # HF's own count
+  assert {np.dtype(v.dtype) for v in frozen.values()} == {np.dtype(jnp.bfloat16)}
+  per_layer = lambda flat, keep=lambda p: True: count(
+      flat, lambda p: p.startswith("decoder/layers/0/") and keep(p))
+  base = count(frozen) + 30 * per_layer(frozen)
+  lora = 32 * per_layer(trainable, lambda p: "lora" in p)
+  adapter = count(trainable, lambda p: p.startswith("adapter/"))
+  assert (round(base / 1e9, 2), round(2 * base / 1e9, 1)) == (7.50, 15.0)  # bf16 bytes
+  assert round(per_layer(frozen) / 1e6) == 218
+  assert (round(lora / 1e6, 1), round(adapter / 1e6, 1)) == (41.9, 21.0)
+  assert (round(16 * lora / 1e9, 2), round(16 * adapter / 1e9, 2)) == (0.67, 0.34)
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+  from big_clip.data import sources
+
+  path = str(tmp_path_factory.mktemp("spm") / "spm.model")
+  tokenizers.train_spm(sources.caption_corpus(n=1000, seed=0), path, vocab_size=1024)
+  return path
+
+
+@pytest.mark.slow
+def test_llm2clip_local_trains_two_steps_and_leaves_the_frozen_base_alone(tmp_path, spm_path):
+  spec = importlib.util.spec_from_file_location("llm2clip",
+                                                os.path.join(ROOT, "configs", "llm2clip.py"))
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  config = recipe.get_config("local")
+  config.total_steps = 2
+  config.eval.num_images = 16
+  config.data.tokenizer.path = spm_path
+  result = train.train(config, str(tmp_path))
+  assert result["step"] == 2 and np.isfinite(result["metrics"]["loss"])
+  assert os.path.exists(tmp_path / "checkpoints" / "2")
+  # Initialized as train.build does (jitted: eager init differs in the last bit).
+  init = _flat(jax.jit(lambda: nnx.to_pure_dict(nnx.state(train.init_fn(config)())))())
+  final = _flat(jax.device_get(result["params"]))
+  decoder = [p for p in init if p.startswith("text/decoder/")]
+  assert decoder and all(np.array_equal(final[p], init[p]) for p in decoder if "lora" not in p)
+  assert np.abs(final["text/decoder/layers/0/mlp/up_proj/lora_b"]).max() > 0
+  assert not np.array_equal(final["text/adapter/fc1/kernel"], init["text/adapter/fc1/kernel"])
