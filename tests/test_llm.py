@@ -173,6 +173,11 @@ def test_lora_at_init_equals_the_base_and_only_lora_and_adapter_train(llama):
   assert trainable and all(p.split("/")[-1] in ("lora_a", "lora_b") or p.startswith("adapter/")
                            for p in trainable), sorted(trainable)
   assert sum(p.endswith("lora_b") for p in trainable) == 2 * len(llm.LORA_TARGETS)
+  # An unfrozen random-init decoder (an LLM tower trained in-repo) trains everything.
+  scratch = llm_config("", freeze=False, kv_heads=2, pooling="eos")
+  mask = _flat(optim.trainable_mask(nnx.eval_shape(
+      lambda: llm.LlmTextTower(scratch.model, rngs=nnx.Rngs(0)))))
+  assert "decoder/layers/1/mlp/up_proj/kernel" in mask and all(mask.values())
 
 
 
