@@ -181,6 +181,19 @@ def test_lora_at_init_equals_the_base_and_only_lora_and_adapter_train(llama):
 
 
 
+def test_bfloat16_tower_stores_frozen_weights_in_bf16_and_stays_close_to_float32(qwen):
+  folder, _ = qwen
+  tokens = jnp.asarray(_padded_tokens(folder))
+  config = llm_config(folder, dtype="bfloat16", lora_rank=2)
+  config.model.remat = True
+  bf16 = make_tower(config)
+  assert bf16.decoder.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+  assert bf16.decoder.layers[0].self_attn.q_proj.lora_b[...].dtype == jnp.float32  # trainable
+  want = np.asarray(make_tower(llm_config(folder)).features(tokens))
+  got = np.asarray(bf16.features(tokens))
+  assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
 def test_tower_on_fsdp2_x_tensor4_equals_one_device(llama):
   folder, _ = llama
   config = llm_config(folder, pooling="last")
