@@ -167,10 +167,7 @@ def compute_features(model_cfg: Any, captions: Sequence[str], max_len: int, mesh
   from big_clip.data import tokenizers
   from big_clip.models import llm
 
-  tokenizer = tokenizers.HfTokenizer(
-      os.path.join(model_cfg.text.llm.path, "tokenizer.json"), max_len,
-      eos_id=llm.LlmSpec.from_folder(model_cfg.text.llm.path).eos_id,
-      append_eos=model_cfg.text.llm.pooling == "eos")
+  tokenizer = tokenizers.llm_tokenizer(model_cfg, max_len)
   make = lambda: llm.LlmTextTower(model_cfg, rngs=nnx.Rngs(params=0))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))

@@ -212,9 +212,9 @@ class HfTokenizer:
     return self._tok.decode([int(i) for i in ids if i != HF_PAD_ID])
 
 
-def for_llm(model_cfg: ml_collections.ConfigDict, max_len: int):
-  """The text encoder of an LLM tower: its HfTokenizer, or (with `llm.cache_dir`) the
-  embedding cache, checked against the LLM folder, tokenizer, pooling and max_len."""
+def llm_tokenizer(model_cfg: ml_collections.ConfigDict, max_len: int) -> HfTokenizer:
+  """The HfTokenizer of the LLM folder `config.model.text.llm.path` (EOS from config.json,
+  appended for pooling='eos')."""
   from big_clip.models import llm
 
   llm_cfg = model_cfg.text.llm
@@ -225,6 +225,14 @@ def for_llm(model_cfg: ml_collections.ConfigDict, max_len: int):
     raise ValueError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the LLM's "
                      f"config.json vocab_size is {spec.vocab_size}; they are from different "
                      "models.")
+  return tokenizer
+
+
+def for_llm(model_cfg: ml_collections.ConfigDict, max_len: int):
+  """The text encoder of an LLM tower: its HfTokenizer, or (with `llm.cache_dir`) the
+  embedding cache, checked against the LLM folder, tokenizer, pooling, max_len and dtype."""
+  llm_cfg = model_cfg.text.llm
+  tokenizer = llm_tokenizer(model_cfg, max_len)
   if llm_cfg.cache_dir:
     from big_clip.data import text_cache
 

@@ -39,9 +39,10 @@ from flax import nnx
 
 from big_clip import config as config_lib
 from big_clip import sharding
+from big_clip.data import tokenizers
 from big_clip.models import layers
 
-PAD_ID = -1  # padding id of HF-tokenized text (never a real token)
+PAD_ID = tokenizers.HF_PAD_ID  # padding of HF-tokenized text (-1: never a real token)
 POOLINGS = ("mean", "last", "eos")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -202,8 +203,8 @@ class TowerOptions:
     config_lib.validate_llm(c)
     return cls(
         pooling=layers.choose(c.pooling, POOLINGS, f"{key}.pooling"), freeze=bool(c.freeze),
-        lora_rank=int(c.lora_rank), lora_alpha=float(c.lora_alpha), lora_targets=tuple(c.lora_targets),
-        adapter_hidden=int(c.adapter_hidden),
+        lora_rank=int(c.lora_rank), lora_alpha=float(c.lora_alpha),
+        lora_targets=tuple(c.lora_targets), adapter_hidden=int(c.adapter_hidden),
         dtype=layers.DTYPES[layers.choose(c.dtype, layers.DTYPES, f"{key}.dtype")],
         param_dtype=layers.DTYPES[layers.choose(model_cfg.param_dtype, layers.DTYPES,
                                                 "config.model.param_dtype")],
