@@ -38,6 +38,9 @@ CHOICES = {
     "model.text.pool": ("eos", "last", "argmax", "final"),
     "loss.name": ("softmax", "sigmoid", "grouped"),
     "loss.group_base": ("softmax", "sigmoid"),
+    "model.text.kind": ("clip", "llm"),
+    "model.text.llm.pooling": ("mean", "last", "eos"),
+    "model.text.llm.dtype": ("float32", "bfloat16"),
     "optim.schedule": ("warmup_cosine", "warmup_constant"),
     "nan_policy": ("stop", "skip"),
     "mesh.multihost": ("auto", "true", "false"),
@@ -70,7 +73,26 @@ def base() -> ml_collections.ConfigDict:
       image=dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072,
                  pool="cls"),
       text=dict(vocab_size=32000, max_len=64, width=512, depth=12, heads=8, mlp_dim=2048,
-                pool="eos", eos_id=3, pad_id=0),
+                pool="eos", eos_id=3, pad_id=0,
+                kind="clip",  # 'clip': CLIP text transformer; 'llm': decoder LLM (llm.py)
+                # kind='llm' (LLM2CLIP). path: a Hugging Face Llama/Qwen2 folder (config.json,
+                # *.safetensors, tokenizer.json), loaded at init; '' = a random-init decoder
+                # sized by the keys above (width, depth, heads, mlp_dim, vocab_size) using
+                # the sentencepiece tokenizer. Only nnx.Param is trained: the frozen base gets
+                # no gradients and no optimizer state.
+                llm=dict(
+                    path="",
+                    pooling="mean",  # 'mean' | 'last' | 'eos' (an EOS token is appended)
+                    freeze=True,  # base weights frozen (LoRA / adapter still train)
+                    lora_rank=0,  # 0 = no LoRA
+                    lora_alpha=16.0,  # LoRA update scaled by lora_alpha / lora_rank
+                    lora_targets=("q_proj", "v_proj"),  # any of q,k,v,o,gate,up,down _proj
+                    adapter_hidden=0,  # 0: linear adapter; >0: Linear-GELU-Linear
+                    dtype="float32",  # compute dtype and storage of frozen weights
+                    cache_dir="",  # read pooled features from tools/cache_text_embeddings.py
+                    kv_heads=0,  # random-init decoder only: 0 = heads (no GQA)
+                    rope_theta=10000.0,  # random-init decoder only
+                )),
   )
   c.loss = dict(
       name="softmax",  # 'softmax' (CLIP), 'sigmoid' (SigLIP), 'grouped' (M2-Encoder)
@@ -265,6 +287,10 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"{c.optim.grad_accum_steps} are both > 1; pick one: loss.accum_steps keeps the whole "
        "batch as one contrastive batch (gradient cache), optim.grad_accum_steps makes each "
        "micro-batch its own contrastive batch.")
+  need(c.loss.accum_steps == 1 or not (c.loss.long_clip.enabled or c.loss.distill.enabled),
+       f"config.loss.accum_steps={c.loss.accum_steps} (gradient cache) covers the contrastive "
+       "loss only; set it to 1 with config.loss.long_clip or config.loss.distill enabled (use "
+       "optim.grad_accum_steps for memory there).")
   need(c.loss.group_size >= 0, f"config.loss.group_size={c.loss.group_size} must be >= 0 "
        "(0 = all data-parallel devices).")
   need(c.loss.name == "grouped" or c.loss.group_size == 0,
@@ -282,6 +308,7 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.data.source.partition(":")[2] != "" or c.data.source == "embedded",
        f"config.data.source={c.data.source!r} names no location, e.g. 'shards:/data/*.tar'.")
   _validate_long_captions(c)
+  validate_llm(c.model.text.llm)
 
 
 def _validate_long_captions(c: ml_collections.ConfigDict) -> None:
@@ -316,6 +343,26 @@ def _validate_long_captions(c: ml_collections.ConfigDict) -> None:
     need(d.temperature > 0, "config.loss.distill.temperature must be > 0.")
     need(min(d.feature_weight, d.kl_weight, d.contrastive_weight) >= 0,
          "config.loss.distill weights must be >= 0.")
+
+
+def validate_llm(llm: ml_collections.ConfigDict) -> None:
+  """config.model.text.llm: LoRA / adapter sizes and targets, cache needs a frozen LLM."""
+  key = "config.model.text.llm"
+  targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  bad = [t for t in llm.lora_targets if t not in targets]
+  if bad:
+    raise ConfigError(f"{key}.lora_targets has {bad}; allowed: {', '.join(targets)}.")
+  for name in ("lora_rank", "adapter_hidden", "kv_heads"):
+    if llm[name] < 0:
+      raise ConfigError(f"{key}.{name}={llm[name]} must be >= 0.")
+  if llm.lora_rank and llm.lora_alpha <= 0:
+    raise ConfigError(f"{key}.lora_alpha={llm.lora_alpha} must be positive.")
+  if llm.cache_dir and not llm.path:
+    raise ConfigError(f"{key}.cache_dir needs {key}.path: the LLM folder the cache was made "
+                      "with (its config.json and tokenizer.json key the cache).")
+  if llm.cache_dir and (not llm.freeze or llm.lora_rank):
+    raise ConfigError(f"{key}.cache_dir needs a frozen LLM without LoRA (freeze=True, "
+                      "lora_rank=0): cached features cannot change while training.")
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, data_parallel: int,

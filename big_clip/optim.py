@@ -49,3 +49,34 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradie
   chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
   return optax.chain(*chain), schedule
+
+
+# Frozen weights (e.g. a frozen LLM base, models/llm.py `Frozen`) are nnx Variables that are
+# not nnx.Param. The train step differentiates and updates the `trainable` part only, so a
+# frozen base gets neither gradients nor optimizer state.
+def trainable_mask(model: Any) -> Any:
+  """Pure dict like `nnx.to_pure_dict(nnx.state(model))`: True where the leaf is nnx.Param."""
+  from flax import nnx
+  from flax.nnx import traversals
+
+  everything = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model)))
+  params = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return traversals.unflatten_mapping({p: p in params for p in everything})
+
+
+def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
+  """(trainable, frozen) nested dicts of `tree`'s leaves where `mask` is True / False."""
+  from flax.nnx import traversals
+
+  flat, flat_mask = traversals.flatten_mapping(tree), traversals.flatten_mapping(mask)
+  pick = lambda keep: traversals.unflatten_mapping(
+      {p: v for p, v in flat.items() if flat_mask[p] == keep})
+  return pick(True), pick(False)
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+  """The inverse of `partition`."""
+  from flax.nnx import traversals
+
+  return traversals.unflatten_mapping({**traversals.flatten_mapping(trainable),
+                                       **traversals.flatten_mapping(frozen)})

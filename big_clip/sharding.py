@@ -31,6 +31,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("kv_heads", "tensor"),  # grouped-query key/value heads of an LLM (llm.py)
+    ("lora", None),  # the rank of LoRA factors
     ("vocab", "tensor"),
     ("joint", None),  # the joint image-text embedding dimension
     ("patch", None),  # flattened patch pixels of the patch embedding
@@ -43,6 +45,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("activation_mlp", "tensor"),
     ("activation_heads", "tensor"),
     ("activation_kv", None),
+    ("activation_kv_heads", "tensor"),
     ("activation_vocab", "tensor"),
 )
 

@@ -31,7 +31,7 @@ from big_clip import losses
 from big_clip.losses import auxiliary
 from big_clip.data import pipeline, tokenizers
 from big_clip.losses import grad_cache
-from big_clip.models import adapt, two_tower
+from big_clip.models import adapt, llm, two_tower
 
 State = dict[str, Any]  # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'}
 
@@ -91,14 +91,21 @@ def _eta(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, loss_fn: Callable, mesh: jax.sharding.Mesh | None,
-                    config: ml_collections.ConfigDict) -> Callable[[State, dict], tuple]:
-  """A pure `(state, batch) -> (state, metrics)`; jit it with shardings."""
+                    config: ml_collections.ConfigDict,
+                    trainable: Any = None) -> Callable[[State, dict], tuple]:
+  """A pure `(state, batch) -> (state, metrics)`; jit it with shardings.
+
+  `trainable` (optim.trainable_mask) marks the params that get gradients and optimizer
+  state; the others (a frozen LLM base) pass through unchanged. None: all of them.
+  """
   accum = config.optim.grad_accum_steps
   skip_nonfinite = True  # both policies keep the last finite params; 'stop' raises on host
   extra_terms = auxiliary.make(config)  # Long-CLIP short captions, distillation (or None)
+  split = ((lambda p: optim.partition(p, trainable)) if trainable is not None
+           else (lambda p: (p, {})))
 
-  def compute_loss(params, batch):
-    model = nnx.merge(graphdef, params)
+  def compute_loss(params, frozen, batch):
+    model = nnx.merge(graphdef, optim.combine(params, frozen))
     img_emb, txt_emb = model(batch["image"], batch["text"])
     scale, bias = model.scale_and_bias()
     loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
@@ -108,21 +115,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 
-  def gradients(params, batch):
+  def gradients(params, frozen, batch):
     if config.loss.accum_steps > 1:  # one contrastive batch, backprop in micro-batches
+      model = lambda p: nnx.merge(graphdef, optim.combine(p, frozen))
       return grad_cache.value_and_grad(
-          lambda p, b: nnx.merge(graphdef, p)(b["image"], b["text"]),
-          lambda p: nnx.merge(graphdef, p).scale_and_bias(), loss_fn, params, batch,
+          lambda p, b: model(p)(b["image"], b["text"]),
+          lambda p: model(p).scale_and_bias(), loss_fn, params, batch,
           accum_steps=config.loss.accum_steps, mesh=mesh)
     if accum == 1:
-      return grad_fn(params, batch)
+      return grad_fn(params, frozen, batch)
     # Micro-batch i holds examples i, i+accum, ... so that each one stays spread over all
     # data-parallel devices. Gradients are averaged; each micro-batch is its own
     # contrastive batch (one contrastive batch over all of them: loss.accum_steps).
     micro = grad_cache.split(batch, accum)
 
     def body(carry, mb):
-      (loss, aux), grads = grad_fn(params, mb)
+      (loss, aux), grads = grad_fn(params, frozen, mb)
       return jax.tree.map(jnp.add, carry, (loss, grads)), aux
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -131,10 +139,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return (loss_sum / accum, aux), jax.tree.map(lambda g: g / accum, grad_sum)
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
-    (loss, (scale, bias)), grads = gradients(state["params"], batch)
+    params, frozen = split(state["params"])
+    (loss, (scale, bias)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    updates, opt = tx.update(grads, state["opt"], params)
+    params = optim.combine(optax.apply_updates(params, updates), frozen)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:  # never let a NaN into the parameters (or a checkpoint)
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -160,6 +169,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 # Building blocks shared with evaluate.py.
 # ---------------------------------------------------------------------------------------------
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizers.SpmTokenizer:
+  if config.model.text.kind == "llm" and config.model.text.llm.path:
+    return tokenizers.for_llm(config.model, config.data.max_len)  # or its embedding cache
   tok_dir_ready = os.path.exists(os.path.join(workdir, "tokenizer", "spm.model"))
   # path '': trained on the source's own captions (tools/train_spm.py does the same offline).
   corpus = lambda: pipeline.caption_corpus(config.data, config.seed)
@@ -214,34 +225,39 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   graphdef, abs_params, param_shardings = abstract_params(config, mesh)
   tx, schedule = optim.make(config.optim, config.total_steps)
   repl = sharding.replicated(mesh)
+  trainable = optim.trainable_mask(nnx.eval_shape(init_fn(config)))
 
   def init_state() -> State:
     params = nnx.to_pure_dict(nnx.state(init_fn(config)()))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params),
+    opt = tx.init(optim.partition(params, trainable)[0])  # no state for frozen weights
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt,
             "nonfinite": jnp.zeros((), jnp.int32),
             "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
 
   abs_state = jax.eval_shape(init_state)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abs_state["opt"], param_shardings,
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abs_state["opt"],
+                                        optim.partition(param_shardings, trainable)[0],
                                         transform_non_params=lambda _: repl)
   state_shardings = {"step": repl, "params": param_shardings, "opt": opt_shardings,
                      "nonfinite": repl, "first_nonfinite_step": repl}
   n_params = sum(x.size for x in jax.tree.leaves(abs_params))
-  logging.info("Model: %.2fM parameters", n_params / 1e6)
+  n_trainable = sum(x.size for x in jax.tree.leaves(optim.partition(abs_params, trainable)[0]))
+  logging.info("Model: %.2fM parameters, %.2fM trainable", n_params / 1e6, n_trainable / 1e6)
 
   step_fn = make_train_step(graphdef, tx, schedule, losses.from_config(config.loss), mesh,
-                            config)
+                            config, trainable)
   batch_sharding = sharding.batch_sharding(mesh)
   gb, size = config.data.global_batch, config.data.image_size
+  text_shape, text_dtype = llm.text_input_shape(config.model, config.data.max_len)
   abs_batch = {
       "image": jax.ShapeDtypeStruct((gb, size, size, 3), jnp.float32, sharding=batch_sharding),
-      "text": jax.ShapeDtypeStruct((gb, config.data.max_len), jnp.int32,
-                                   sharding=batch_sharding),
+      "text": jax.ShapeDtypeStruct((gb, *text_shape), text_dtype, sharding=batch_sharding),
   }
   for key, (shape, dtype) in auxiliary.batch_entries(config, teacher_dim).items():
     abs_batch[key] = jax.ShapeDtypeStruct((gb, *shape), dtype, sharding=batch_sharding)
   with jax.set_mesh(mesh):
     state = jax.jit(init_state, out_shardings=state_shardings)()
+    two_tower.load_pretrained(state["params"], config.model, param_shardings)
     t0 = time.perf_counter()
     compiled = jax.jit(
         step_fn, in_shardings=(state_shardings, {k: batch_sharding for k in abs_batch}),

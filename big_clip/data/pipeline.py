@@ -141,12 +141,14 @@ class EmbeddedIterator:
       images.append(image)
       captions.append(text)
     tokens = self._tokenizer.encode(captions)
-    if tokens.shape != (self._local_batch, self._max_len):
+    # An LLM embedding cache (data/text_cache.py) returns float features [b, dim] instead.
+    row_shape = tuple(getattr(self._tokenizer, "output_shape", (self._max_len,)))
+    if tokens.shape != (self._local_batch, *row_shape):
       raise ValueError(f"The tokenizer returned {tokens.shape} tokens for "
                        f"{self._local_batch} captions; expected max_len={self._max_len} "
                        "(config.data.max_len must match the tokenizer's max_len).")
     batch = {"image": normalize(np.stack(images), self._mean, self._std),
-             "text": tokens.astype(np.int32)}
+             "text": tokens if tokens.dtype == np.float32 else tokens.astype(np.int32)}
     if self._with_short:
       batch["text_short"] = self._tokenizer.encode(shorts).astype(np.int32)
     return batch

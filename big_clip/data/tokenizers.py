@@ -128,53 +128,6 @@ class SpmTokenizer:
     return self._sp.decode([i for i in row if i != self.pad_id])
 
 
-class HfTokenizer:
-  """A Hugging Face `tokenizer.json` (e.g. CLIP's BPE, XLM-R's unigram) via `tokenizers`.
-
-  Rows are the tokenizer's own encoding with its special tokens (its post-processor adds
-  them, e.g. CLIP's <|startoftext|> ... <|endoftext|>), cut to `max_len` keeping the last
-  special token, padded with `pad_id` (the tokenizer's pad token, else 0). Set
-  config.model.text.eos_id / pad_id (or pool='argmax' for CLIP) to match.
-  """
-
-  def __init__(self, path: str, max_len: int):
-    import tokenizers as hf_tokenizers
-
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"No Hugging Face tokenizer at {path!r}; set "
-                              "config.data.tokenizer.path to a tokenizer.json file.")
-    self.model_path, self.max_len = path, max_len
-    self._tok = hf_tokenizers.Tokenizer.from_file(path)
-    pad = next((t for t in ("<pad>", "[PAD]", "<|pad|>") if self._tok.token_to_id(t)
-                is not None), None)
-    self.pad_id = self._tok.token_to_id(pad) if pad else PAD_ID
-    eos = next((t for t in ("</s>", "<|endoftext|>", "[SEP]", "<eos>")
-                if self._tok.token_to_id(t) is not None), None)
-    self.eos_id = self._tok.token_to_id(eos) if eos is not None else None
-
-  @property
-  def vocab_size(self) -> int:
-    return self._tok.get_vocab_size(with_added_tokens=True)
-
-  def encode(self, texts: Sequence[str]) -> np.ndarray:
-    if isinstance(texts, str):
-      raise TypeError("encode() takes a sequence of texts; wrap a single text in a list.")
-    tokens = np.full((len(texts), self.max_len), self.pad_id, np.int32)
-    for row, enc in enumerate(self._tok.encode_batch(list(texts))):
-      ids = enc.ids
-      if len(ids) > self.max_len:  # keep the closing special token (EOS) when there is one
-        ids = ids[:self.max_len - 1] + ids[-1:] if ids[-1] == self.eos_id else \
-            ids[:self.max_len]
-      tokens[row, :len(ids)] = ids
-    return tokens
-
-  def decode(self, ids: np.ndarray | Sequence[int]) -> str | list[str]:
-    ids = np.asarray(ids)
-    if ids.ndim == 2:
-      return [self.decode(row) for row in ids]
-    return self._tok.decode([int(i) for i in ids if i != self.pad_id])
-
-
 def load(path: str, max_len: int) -> SpmTokenizer | HfTokenizer:
   """A `.json` path is a Hugging Face tokenizer; anything else a sentencepiece model."""
   return HfTokenizer(path, max_len) if path.endswith(".json") else SpmTokenizer(path, max_len)
@@ -199,4 +152,116 @@ def get_or_train(tok_cfg: ml_collections.ConfigDict, workdir: str,
   train_spm(texts, path, tok_cfg.vocab_size)
   tokenizer = SpmTokenizer(path, max_len)
   logging.info("Tokenizer: trained %s with %d pieces.", path, tokenizer.vocab_size)
+  return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizers (LLM text towers, models/llm.py).
+# ---------------------------------------------------------------------------------------------
+HF_PAD_ID = -1  # no vocabulary has id -1, so padding is never mistaken for a token
+
+
+class HfTokenizer:
+  """A Hugging Face `tokenizer.json` (CLIP's BPE, XLM-R's unigram, a Llama/Qwen tokenizer)
+  behind SpmTokenizer's interface: `encode(texts)` -> int32 [N, max_len].
+
+  The tokenizer's own post-processor runs (e.g. CLIP's <|startoftext|> ... <|endoftext|>,
+  Llama's BOS). A row longer than max_len is cut keeping its closing EOS; with `append_eos`
+  the EOS id is appended after the cut instead (the 'eos' pooling of the LLM tower reads it).
+  Padding is `pad_id`: by default the tokenizer's pad token (else 0), which a CLIP text tower
+  embeds like any id (set config.model.text.pad_id / eos_id to match); the LLM tower passes
+  HF_PAD_ID (-1), so padding is never mistaken for a real token.
+  """
+
+  def __init__(self, path: str, max_len: int, *, pad_id: int | None = None,
+               eos_id: int | None = None, append_eos: bool = False):
+    from tokenizers import Tokenizer
+
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"No Hugging Face tokenizer at {path!r}; set "
+                              "config.data.tokenizer.path (or the LLM folder of "
+                              "config.model.text.llm.path) to a folder/file with tokenizer.json.")
+    if max_len < 1 + append_eos:
+      raise ValueError(f"max_len={max_len} is too small; set config.data.max_len >= 2.")
+    self.path = self.model_path = path
+    self.max_len = max_len
+    self._tok = Tokenizer.from_file(path)
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    if pad_id is None:
+      pad = next((t for t in ("<pad>", "[PAD]", "<|pad|>") if self._tok.token_to_id(t)
+                  is not None), None)
+      pad_id = self._tok.token_to_id(pad) if pad else PAD_ID
+    if eos_id is None:
+      eos = next((t for t in ("</s>", "<|endoftext|>", "[SEP]", "<eos>")
+                  if self._tok.token_to_id(t) is not None), None)
+      eos_id = self._tok.token_to_id(eos) if eos is not None else None
+    if append_eos and eos_id is None:
+      raise ValueError(f"{path}: pooling='eos' needs an EOS id but the model has no "
+                       "eos_token_id; use pooling='mean' or 'last'.")
+    self._pad_id, self._eos_id, self._append_eos = pad_id, eos_id, append_eos
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad_id
+
+  @property
+  def eos_id(self) -> int | None:
+    return self._eos_id
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    """int32 [len(texts), max_len]; long texts are cut (a closing or appended EOS is kept)."""
+    if isinstance(texts, str):
+      raise TypeError("encode() takes a sequence of texts; wrap a single text in a list.")
+    tokens = np.full((len(texts), self.max_len), self._pad_id, np.int32)
+    for row, enc in enumerate(self._tok.encode_batch(list(texts))):
+      ids = enc.ids
+      if self._append_eos:
+        ids = ids[:self.max_len - 1] + [self._eos_id]
+      elif len(ids) > self.max_len:
+        ids = (ids[:self.max_len - 1] + ids[-1:] if ids[-1] == self._eos_id
+               else ids[:self.max_len])
+      tokens[row, :len(ids)] = ids
+    return tokens
+
+  def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]
+             ) -> str | list[str]:
+    ids = np.asarray(ids)
+    if ids.ndim == 2:
+      return [self.decode(row) for row in ids]
+    return self._tok.decode([int(i) for i in ids if i != self._pad_id])
+
+
+def llm_tokenizer(model_cfg: ml_collections.ConfigDict, max_len: int) -> HfTokenizer:
+  """The HfTokenizer of the LLM folder `config.model.text.llm.path` (EOS from config.json,
+  appended for pooling='eos')."""
+  from big_clip.models import llm
+
+  llm_cfg = model_cfg.text.llm
+  spec = llm.LlmSpec.from_folder(llm_cfg.path)
+  tokenizer = HfTokenizer(os.path.join(llm_cfg.path, "tokenizer.json"), max_len,
+                          pad_id=HF_PAD_ID, eos_id=spec.eos_id,
+                          append_eos=llm_cfg.pooling == "eos")
+  if tokenizer.vocab_size > spec.vocab_size:
+    raise ValueError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the LLM's "
+                     f"config.json vocab_size is {spec.vocab_size}; they are from different "
+                     "models.")
+  return tokenizer
+
+
+def for_llm(model_cfg: ml_collections.ConfigDict, max_len: int):
+  """The text encoder of an LLM tower: its HfTokenizer, or (with `llm.cache_dir`) the
+  embedding cache, checked against the LLM folder, tokenizer, pooling, max_len and dtype."""
+  llm_cfg = model_cfg.text.llm
+  tokenizer = llm_tokenizer(model_cfg, max_len)
+  if llm_cfg.cache_dir:
+    from big_clip.data import text_cache
+
+    return text_cache.CachedFeatures(
+        llm_cfg.cache_dir,
+        text_cache.cache_key(llm_cfg.path, llm_cfg.pooling, max_len, llm_cfg.dtype))
   return tokenizer

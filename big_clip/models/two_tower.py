@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from big_clip.models import text, vit
+from big_clip.models import llm, text, vit
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -23,12 +23,22 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 class TwoTower(nnx.Module):
-  """`image` (ViT) and `text` (TextTransformer) towers + `logit_scale`, `logit_bias`."""
+  """`image` (ViT) and `text` towers + `logit_scale`, `logit_bias`.
+
+  The text tower is CLIP's TextTransformer (`config.model.text.kind='clip'`) or a decoder
+  LLM with an adapter (`'llm'`, models/llm.py), which also takes cached LLM features.
+  """
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
     self.embed_dim = int(cfg.embed_dim)
     self.image = vit.ViT(cfg, rngs=rngs)
-    self.text = text.TextTransformer(cfg, rngs=rngs)
+    kind = cfg.text.get("kind", "clip")
+    if kind == "llm":
+      self.text = llm.LlmTextTower(cfg, rngs=rngs)
+    elif kind == "clip":
+      self.text = text.TextTransformer(cfg, rngs=rngs)
+    else:
+      raise ValueError(f"config.model.text.kind={kind!r}; allowed: clip, llm.")
     # CLIP: logit_scale = log(1/0.07); SigLIP: log(10) with logit_bias = -10.
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
     self.logit_bias = nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32))
@@ -41,7 +51,8 @@ class TwoTower(nnx.Module):
     return emb
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
-    """int32 [B, L] tokens -> L2-normalized float32 [B, embed_dim]."""
+    """int32 [B, L] tokens (or cached LLM features [B, hidden]) -> L2-normalized float32
+    [B, embed_dim]."""
     emb = l2_normalize(self.text(tokens))
     chex.assert_shape(emb, (tokens.shape[0], self.embed_dim))
     return emb
@@ -58,3 +69,12 @@ class TwoTower(nnx.Module):
     scale = jnp.minimum(jnp.exp(self.logit_scale[...].astype(jnp.float32)),
                         self.logit_scale_max)
     return scale, self.logit_bias[...].astype(jnp.float32)
+
+
+def load_pretrained(params: dict, model_cfg: Any, shardings: Any = None) -> None:
+  """Loads pretrained tower weights named by the config into TwoTower `params` (a pure dict,
+  in place): today the LLM of `config.model.text.llm.path`. A no-op otherwise."""
+  llm_cfg = model_cfg.text.llm
+  if model_cfg.text.kind == "llm" and llm_cfg.path and not llm_cfg.cache_dir:
+    llm.load_pretrained(params["text"]["decoder"], llm_cfg.path,
+                        None if shardings is None else shardings["text"]["decoder"])
