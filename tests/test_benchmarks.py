@@ -1,0 +1,70 @@
+"""The benchmark's FLOP counter and its PyTorch peer, against independent references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import flops, train_step
+from big_clip import losses, train
+
+
+def tiny_config():
+  c = train_step.model_config("small", global_batch=4, dtype="float32", scan_layers=False,
+                              remat=False)
+  c.model.image.update(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64)
+  c.model.text.update(vocab_size=64, max_len=12, width=48, depth=3, heads=4, mlp_dim=96)
+  c.model.embed_dim = 16
+  c.data.update(image_size=32, max_len=12)
+  return c
+
+
+def jaxpr_matmul_flops(jaxpr) -> int:
+  """2 * MACs of every dot_general in a jaxpr, recursing into nested jaxprs."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      contract = int(np.prod([lhs[d] for d in lc]))
+      batch = int(np.prod([lhs[d] for d in lb]))
+      free_l = int(np.prod(lhs)) // contract // batch
+      free_r = int(np.prod(rhs)) // contract // batch
+      total += 2 * batch * free_l * free_r * contract
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          total += jaxpr_matmul_flops(inner)
+  return total
+
+
+def test_analytic_flops_equal_the_matmuls_xla_traces():
+  c = tiny_config()
+  model = train.init_fn(c)()
+  images = jnp.zeros((4, 32, 32, 3), jnp.float32)
+  tokens = jnp.full((4, 12), 5, jnp.int32).at[:, -1].set(c.model.text.eos_id)
+
+  def forward_loss(images, tokens):
+    img, txt = model(images, tokens)
+    scale, bias = model.scale_and_bias()
+    return losses.get("softmax")(img, txt, scale, bias)
+
+  traced = jaxpr_matmul_flops(jax.make_jaxpr(forward_loss)(images, tokens).jaxpr)
+  # The loss traces a third (diagonal) product as a sum, not a matmul: no FLOPs counted.
+  assert flops.train_step_flops(c.model, 4) == 3 * traced
+
+
+def test_torch_peer_is_the_same_size_as_our_model():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  c = tiny_config()
+  ours = sum(x.size for x in jax.tree.leaves(nnx.state(train.init_fn(c)(), nnx.Param)))
+  theirs = sum(p.numel() for p in
+               transformers.CLIPModel(train_step.hf_clip_config(c.model)).parameters())
+  train_step.check_same_size(ours, theirs)  # raises if they differ
+  assert ours == theirs + 1  # our logit_bias
+  with pytest.raises(RuntimeError, match="Parameter counts differ"):
+    train_step.check_same_size(ours + 1, theirs)
+  del torch
