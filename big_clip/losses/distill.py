@@ -66,16 +66,17 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, teacher_img: jax.Array,
   student = (f32(img_emb), f32(txt_emb))
   teacher = tuple(jax.lax.stop_gradient(f32(x)) for x in (teacher_img, teacher_txt))
 
-  def body(s_img, s_txt, t_img, t_txt, *, axes):
+  def body(s_img, s_txt, t_img, t_txt, *, exchange):
     return _summed_terms(s_img, s_txt, t_img, t_txt, feature=feature,
                          feature_weight=float(feature_weight), kl_weight=float(kl_weight),
-                         inv_tau=1.0 / float(temperature), axes=axes)
+                         inv_tau=1.0 / float(temperature), exchange=exchange)
 
   if mesh is None:
-    out = body(*student, *teacher, axes=None)
+    out = body(*student, *teacher, exchange=losses.Exchange(None))
   else:
     block = P(BATCH_AXES, None)
-    out = jax.shard_map(lambda *a: body(*a, axes=BATCH_AXES), mesh=mesh,
+    exchange = losses.Exchange(BATCH_AXES)
+    out = jax.shard_map(lambda *a: body(*a, exchange=exchange), mesh=mesh,
                         in_specs=(block,) * 4, out_specs=P())(*student, *teacher)
   chex.assert_shape(out, ())
   return out
@@ -98,18 +99,17 @@ def _kl_rows_sum(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Ar
 
 
 def _summed_terms(s_img, s_txt, t_img, t_txt, *, feature, feature_weight, kl_weight, inv_tau,
-                  axes):
-  """The loss from one device's `[b, D]` blocks; `axes` are the batch-sharded mesh axes."""
-  global_batch = s_img.shape[0] * losses.axis_size(axes)
+                  exchange: losses.Exchange):
+  """The loss from one device's `[b, D]` blocks, exchanged over all batch devices."""
+  gather = exchange.all_gather
+  global_batch = s_img.shape[0] * exchange.size
   total = jnp.zeros((), jnp.float32)
   if feature_weight:
     feat = 0.5 * (_feature_sum(s_img, t_img, feature) + _feature_sum(s_txt, t_txt, feature))
     total += feature_weight * feat
   if kl_weight:
     block = lambda a, b: losses.logits_block(a, b, jnp.float32(inv_tau), jnp.float32(0.0))
-    rows = _kl_rows_sum(block(t_img, losses.all_gather(t_txt, axes)),
-                        block(s_img, losses.all_gather(s_txt, axes)))  # image -> texts
-    cols = _kl_rows_sum(block(t_txt, losses.all_gather(t_img, axes)),
-                        block(s_txt, losses.all_gather(s_img, axes)))  # text -> images
+    rows = _kl_rows_sum(block(t_img, gather(t_txt)), block(s_img, gather(s_txt)))  # i -> t
+    cols = _kl_rows_sum(block(t_txt, gather(t_img)), block(s_txt, gather(s_img)))  # t -> i
     total += kl_weight * 0.5 * (rows + cols)
-  return losses.psum(total, axes) / global_batch
+  return exchange.psum(total) / global_batch
