@@ -8,6 +8,7 @@ first use and cached in the workdir (or name one made by tools/train_spm.py in
 config.data.tokenizer.path).
 
   python -m big_clip.train --config configs/flickr_multi30k.py --workdir /tmp/big_clip_flickr
+  python -m big_clip.evaluate --config configs/flickr_multi30k.py --workdir /tmp/big_clip_flickr
 
 The manifest is looked up next to the repository (`../shared/data/flickr8k_multi30k/`); set
 BIG_CLIP_FLICKR_MANIFEST=/path/to/manifest.json to read it from elsewhere. If it is absent
@@ -61,6 +62,10 @@ def get_config(arg: str | None = None):
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   c.checkpoint.update(every_steps=100, keep=2)
   c.eval.update(every_steps=10_000)  # retrieval eval on the val/test splits: evaluate.py
+  # `python -m big_clip.evaluate --config configs/flickr_multi30k.py --workdir ...`: per-language
+  # image <-> caption retrieval on the held-out splits (31 test and 34 val photos).
+  c.evals = tuple(f"retrieval:manifest:{manifest_path()}:{split},name=flickr8k_multi30k_{split}"
+                  for split in ("test", "val"))
 
   if arg == "local":
     c.total_steps = 20

@@ -21,13 +21,19 @@ base model, then the same fine-tune budget at 77 tokens (control) and stretched 
     --config.init_from=big_clip:/tmp/lc77 \
     --config.data.tokenizer.path=/tmp/lc77/tokenizer/spm.model
 
+`:llm248` is the LLM-tower row of that benchmark: a small Llama-style decoder (RoPE, GQA,
+SwiGLU) as the text tower, random-init and trained on the same embedded data at 248 tokens
+for the same total budget (base77's 400 steps + the fine-tune's 200):
+
+  python -m big_clip.train --config configs/longclip_finetune.py:llm248 --workdir /tmp/lc_llm
+
 `:local` is a 10-step CPU smoke run of the fine-tune (248 tokens, long captions, the
 short-caption PCE loss) from random init, or from a run given by init_from.
 """
 
 from big_clip import config as config_lib
 
-ARGS = ("base77", "ft77", "ft248", "local")
+ARGS = ("base77", "ft77", "ft248", "llm248", "local")
 
 
 def _embedded(c, *, max_len: int, long_captions: float, steps: int, lr: float) -> None:
@@ -78,6 +84,14 @@ def get_config(arg: str | None = None):
   elif arg in ("ft77", "ft248"):  # the same fine-tune budget, 77 (truncated) or 248 tokens
     _embedded(c, max_len=int(arg[2:]), long_captions=0.8, steps=200, lr=5e-4)
     c.loss.long_clip.update(enabled=True, short_weight=1.0, num_components=16)
+  elif arg == "llm248":  # the LLM-tower column: a small random-init decoder, trained in-repo
+    # The same budget as base77 + ft248 (600 steps, 360 of them long captions on average),
+    # from scratch: a 2-layer Llama-style decoder (RoPE, so no position table to stretch,
+    # GQA 4/2 heads, SwiGLU), mean-pooled, fully trained, linear adapter into the joint space.
+    _embedded(c, max_len=248, long_captions=0.6, steps=600, lr=1e-3)
+    c.model.text.update(kind="llm")
+    c.model.text.llm.update(path="", cache_dir="", freeze=False, lora_rank=0, pooling="mean",
+                            adapter_hidden=0, dtype="float32", kv_heads=2)
   elif arg == "local":
     config_lib.shrink_for_local(c)
     c.model.text.max_len = c.data.max_len = 248
