@@ -166,6 +166,31 @@ def test_sharded_loss_and_grads_never_build_a_global_square(loss_name, mesh_name
   assert largest_per_device < GLOBAL_BATCH**2
 
 
+@pytest.mark.parametrize("chunk", [5, 8])  # 5: the last block of keys is padded
+@pytest.mark.parametrize("mesh_name", [None, "8x1x1", "2x2x2"])
+def test_softmax_over_key_blocks_is_exact_and_holds_one_block_at_a_time(monkeypatch, chunk,
+                                                                         mesh_name):
+  """Beyond KEY_CHUNK keys the softmax loss runs an online logsumexp over key blocks:
+  value and gradients still equal the float64 full-batch loss, and the only logits a
+  device forms (forward or backward) are `[b, KEY_CHUNK]` blocks."""
+  monkeypatch.setattr(softmax, "KEY_CHUNK", chunk)
+  mesh = None if mesh_name is None else _mesh(mesh_name)
+  img, txt = IMG.astype(np.float32), TXT.astype(np.float32)
+  loss_fn = lambda i, t, s, b: softmax.loss(i, t, s, b, mesh=mesh)
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))
+  value, grads = jax.jit(grad_fn)(img, txt, jnp.float32(SCALE), jnp.float32(BIAS))
+  expected_value, expected_grads = _softmax_reference(IMG, TXT, SCALE, BIAS)
+  _assert_close(value, expected_value)
+  for grad, expected in zip(grads, expected_grads[:3]):
+    _assert_close(grad, expected)
+
+  jaxpr = jax.make_jaxpr(grad_fn)(img, txt, jnp.float32(SCALE), jnp.float32(BIAS)).jaxpr
+  local_batch = GLOBAL_BATCH // (1 if mesh is None else sharding.data_parallel_size(mesh))
+  logits = {v.aval.shape for e, _ in _equations(jaxpr) if e.primitive.name == "dot_general"
+            for v in e.outvars if DIM not in v.aval.shape}
+  assert logits == {(local_batch, chunk)}, logits
+
+
 # --------------------------------------------------------------------------------------
 # Errors name the problem.
 # --------------------------------------------------------------------------------------

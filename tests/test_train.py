@@ -1,5 +1,6 @@
 """The train step and loop: sharding-invariance, exact resume, NaN handling, learning."""
 
+import functools
 import json
 import os
 import signal
@@ -69,14 +70,22 @@ def run_steps(config, mesh, batches):
   return init, jax.device_get(state["params"]), losses
 
 
+@functools.lru_cache(maxsize=None)
+def one_device_run(loss_name: str):
+  """The 1-device reference of the test below, computed once per loss (numpy results)."""
+  config = tiny_config(**{"loss.name": loss_name})
+  batches = [random_batch(config, seed) for seed in range(2)]
+  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  return run_steps(config, one, batches)
+
+
 @pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_train_steps_on_8_devices_equal_the_same_steps_on_1_device(mesh_shape, loss_name):
   config = tiny_config(**{"loss.name": loss_name})
   batches = [random_batch(config, seed) for seed in range(2)]
-  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   eight = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
-  init, params_1, losses_1 = run_steps(config, one, batches)
+  init, params_1, losses_1 = one_device_run(loss_name)
   _, params_8, losses_8 = run_steps(config, eight, batches)
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),

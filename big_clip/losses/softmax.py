@@ -15,6 +15,10 @@ from jax.sharding import Mesh
 
 from big_clip import losses
 
+# Keys per block of `row_logsumexp`: a device holds `[b, KEY_CHUNK]` logits at a time, not
+# `[b, B]`, so its memory stops growing with the global batch B (benchmarks/loss_memory.py).
+KEY_CHUNK = 2048
+
 
 def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
          bias: jax.Array | None = None, *, mesh: Mesh | None = None,
@@ -59,13 +63,50 @@ def _summed_cross_entropies(img: jax.Array, txt: jax.Array, scale: jax.Array,
   txt_all = exchange.all_gather(txt)  # [B, D]
   local_batch, global_batch = img.shape[0], img_all.shape[0]
 
-  img_to_txt = losses.logits_block(img, txt_all, scale, bias)  # [b, B]: rows of z
-  txt_to_img = losses.logits_block(txt, img_all, scale, bias)  # [b, B]: columns of z
-  chex.assert_shape([img_to_txt, txt_to_img], (local_batch, global_batch))
+  lse_rows = row_logsumexp(img, txt_all, scale, bias)  # [b]: rows of z
+  lse_cols = row_logsumexp(txt, img_all, scale, bias)  # [b]: columns of z
+  chex.assert_shape([lse_rows, lse_cols], (local_batch,))
   # z_ii of the local pairs, computed directly rather than sliced out of the blocks at
   # this device's batch offset.
   positives = scale * jnp.sum(img * txt, axis=-1) + bias  # [b]
 
-  cross_entropies = (jax.nn.logsumexp(img_to_txt, axis=-1) - positives
-                     + jax.nn.logsumexp(txt_to_img, axis=-1) - positives)  # [b]
+  cross_entropies = lse_rows - positives + lse_cols - positives  # [b]
   return exchange.psum(jnp.sum(cross_entropies)) / (2 * global_batch)
+
+
+def row_logsumexp(queries: jax.Array, keys: jax.Array, scale: jax.Array,
+                  bias: jax.Array) -> jax.Array:
+  """`logsumexp_j (scale * q_i . k_j + bias)` for each query row: `[b, D] x [B, D] -> [b]`.
+
+  Up to KEY_CHUNK keys this is one `[b, B]` block. Beyond, the keys are visited in blocks of
+  KEY_CHUNK with a running maximum and sum (the online logsumexp of flash attention), and
+  each block is rematerialized in the backward pass, so neither pass keeps more than one
+  `[b, KEY_CHUNK]` block: memory O(b x KEY_CHUNK) for one extra forward matmul. The running
+  maximum only shifts the exponent and carries no gradient, so the value and gradients are
+  those of the plain logsumexp (tests/test_losses.py, against float64 NumPy).
+  """
+  n_keys, chunk = keys.shape[0], KEY_CHUNK
+  if n_keys <= chunk:
+    return jax.nn.logsumexp(losses.logits_block(queries, keys, scale, bias), axis=-1)
+
+  def update(carry, block):
+    running_max, total = carry
+    keys_c, valid_c = block
+    z = jnp.where(valid_c, losses.logits_block(queries, keys_c, scale, bias), -jnp.inf)
+    new_max = jax.lax.stop_gradient(jnp.maximum(running_max, jnp.max(z, axis=-1)))
+    total = (total * jnp.exp(running_max - new_max)
+             + jnp.sum(jnp.exp(z - new_max[:, None]), axis=-1))
+    return (new_max, total), None
+
+  # The first block starts the running values (it has no padding: n_keys > chunk).
+  first = losses.logits_block(queries, keys[:chunk], scale, bias)
+  start_max = jax.lax.stop_gradient(jnp.max(first, axis=-1))
+  start = (start_max, jnp.sum(jnp.exp(first - start_max[:, None]), axis=-1))
+  rest = n_keys - chunk
+  n_blocks = -(-rest // chunk)
+  pad = n_blocks * chunk - rest
+  blocks = jnp.pad(keys[chunk:], ((0, pad), (0, 0))).reshape(n_blocks, chunk, keys.shape[1])
+  valid = (jnp.arange(n_blocks * chunk) < rest).reshape(n_blocks, chunk)
+  (running_max, total), _ = jax.lax.scan(jax.checkpoint(update, prevent_cse=False), start,
+                                         (blocks, valid))
+  return running_max + jnp.log(total)
