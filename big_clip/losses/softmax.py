@@ -2,7 +2,8 @@
 From Natural Language Supervision", Fig. 3), exact on any device mesh.
 
 Each device scores its local images against all texts and its local texts against all
-images: O(B_local x B_global) logits per device, never the B_global x B_global matrix.
+images, never forming the B_global x B_global matrix; the gathered side is visited in blocks
+of KEY_CHUNK keys, so a device holds O(B_local x KEY_CHUNK) logits at a time.
 With `group_size` the "global" batch is the group's (grouped.py, M2-Encoder).
 """
 
