@@ -99,7 +99,8 @@ def row_logsumexp(queries: jax.Array, keys: jax.Array, scale: jax.Array,
              + jnp.sum(jnp.exp(z - new_max[:, None]), axis=-1))
     return (new_max, total), None
 
-  # The first block starts the running values (it has no padding: n_keys > chunk).
+  # The first block starts the running values (it has no padding: n_keys > chunk); computed
+  # from the queries, the carry is per-device data inside shard_map, as the scan needs.
   first = losses.logits_block(queries, keys[:chunk], scale, bias)
   start_max = jax.lax.stop_gradient(jnp.max(first, axis=-1))
   start = (start_max, jnp.sum(jnp.exp(first - start_max[:, None]), axis=-1))
