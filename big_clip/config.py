@@ -35,6 +35,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.activation": ("gelu", "quick_gelu", "gelu_tanh"),
     "model.image.pool": ("cls", "map", "gap"),
+    "model.image.stem": ("patch", "conv"),
     "model.text.pool": ("eos", "last", "argmax", "final"),
     "loss.name": ("softmax", "sigmoid", "grouped"),
     "loss.group_base": ("softmax", "sigmoid"),
@@ -118,6 +119,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.ln_eps = 1e-5  # every LayerNorm; SigLIP uses 1e-6
   c.model.image.ln_pre = True  # LayerNorm before the blocks (CLIP); SigLIP has none
   c.model.image.proj = True  # linear map to embed_dim; False (SigLIP): embed_dim == width
+  # 'patch': CLIP's stride-p patchify; 'conv': early 3x3 stride-2 convolutions (Xiao et al.
+  # 2021), better from scratch on small data, not exportable to HF / open_clip.
+  c.model.image.stem = "patch"
   c.model.text.causal = True  # causal self-attention (CLIP); SigLIP attends both ways
   c.model.text.proj_bias = False  # SigLIP's text head has a bias
   # Start from pretrained weights when the workdir has no checkpoint (fine-tuning):
@@ -140,6 +144,7 @@ def base() -> ml_collections.ConfigDict:
       data_dir="",  # tfds data_dir ('' = tfds's default)
       text_language="en",  # language of plain-text captions (.txt, tfds text/labels)
       crop_min_scale=0.9,  # random-resized crop area fraction (open_clip); >= 1: centre crop
+      flip_prob=0.0,  # files/tfds: P(mirror an image left-right); small data sets gain from 0.5
       long_caption_prob=0.0,  # P(use the 'long_captions' field when an image has one)
       shuffle_buffer=10_000,  # tfds only: seeded shuffle buffer after the file shuffle
   )
@@ -263,6 +268,10 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.model.image.image_size % c.model.image.patch_size == 0,
        f"config.model.image.image_size={c.model.image.image_size} is not divisible by "
        f"config.model.image.patch_size={c.model.image.patch_size}.")
+  p = c.model.image.patch_size
+  need(c.model.image.stem != "conv" or (p >= 2 and p & (p - 1) == 0),
+       f"config.model.image.stem='conv' halves the image once per 3x3 stride-2 convolution, so "
+       f"config.model.image.patch_size={p} must be a power of two >= 2.")
   for tower in ("image", "text"):
     t = c.model[tower]
     need(t.width % t.heads == 0, f"config.model.{tower}.width={t.width} is not divisible by "
@@ -300,6 +309,8 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.checkpoint.keep >= 1, "config.checkpoint.keep must be >= 1.")
   need(0 < c.data.crop_min_scale, f"config.data.crop_min_scale={c.data.crop_min_scale} must "
        "be > 0 (an area fraction; >= 1 turns the random crop off).")
+  need(0 <= c.data.flip_prob <= 1, f"config.data.flip_prob={c.data.flip_prob} must be a "
+       "probability in [0, 1].")
   need(0 <= c.data.long_caption_prob <= 1, f"config.data.long_caption_prob="
        f"{c.data.long_caption_prob} must be a probability in [0, 1].")
   need(c.data.shuffle_buffer >= 0, "config.data.shuffle_buffer must be >= 0.")

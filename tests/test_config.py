@@ -95,6 +95,17 @@ def test_inconsistent_image_size_is_named():
     config_lib.validate(c)
 
 
+def test_conv_stem_needs_a_power_of_two_patch():
+  c = config_lib.base()
+  c.model.image.update(stem="conv", image_size=240, patch_size=12)
+  c.data.image_size = 240
+  with pytest.raises(config_lib.ConfigError, match=r"stem='conv'.*patch_size=12.*power of two"):
+    config_lib.validate(c)
+  c.model.image.update(image_size=224, patch_size=16)
+  c.data.image_size = 224
+  config_lib.validate(c)
+
+
 def test_batch_not_divisible_by_data_parallel_size_is_named():
   c = config_lib.base()
   c.data.global_batch = 100

@@ -213,6 +213,26 @@ def test_random_crop_and_caption_vary_by_epoch_but_centre_crop_does_not(tar_shar
   np.testing.assert_allclose((got * std + mean) * 255, want, atol=1e-3)
 
 
+def test_flip_mirrors_about_half_the_images_and_leaves_captions_alone(tar_shards):
+  def by_id(**kw):
+    it = _iterator(f"shards:{tar_shards}", global_batch=2, crop_min_scale=1.0, **kw)
+    out = {}
+    for b in _take(it, 15):
+      for i, img, txt in zip(_ids(b), b["image"], b["text"]):
+        out[i] = (img, _text(txt))
+    it.close()
+    return out
+
+  plain, flipped, again = by_id(), by_id(flip_prob=0.5), by_id(flip_prob=0.5)
+  mirrored = [i for i in range(30) if not np.array_equal(flipped[i][0], plain[i][0])]
+  for i in range(30):
+    want = plain[i][0][:, ::-1] if i in mirrored else plain[i][0]
+    np.testing.assert_array_equal(flipped[i][0], want)  # mirrored exactly, or untouched
+    np.testing.assert_array_equal(again[i][0], flipped[i][0])  # the same draw every run
+    assert flipped[i][1] == plain[i][1]  # its own rng stream: captions unchanged
+  assert 8 <= len(mirrored) <= 22  # Binomial(30, 0.5): outside this with p < 0.01
+
+
 # ---------------------------------------------------------------------------------------
 # Bad data.
 # ---------------------------------------------------------------------------------------
@@ -436,6 +456,7 @@ def test_hugging_face_tokenizer_json_encodes_with_its_own_ids(tmp_path):
 @pytest.mark.parametrize("key,value,match", [
     ("crop_min_scale", 0.0, "crop_min_scale"),
     ("long_caption_prob", 1.5, "long_caption_prob"),
+    ("flip_prob", -0.1, "flip_prob"),
     ("source", "shards:", "names no location"),
     ("source", "webdataset:/x", "allowed"),
 ])

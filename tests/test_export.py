@@ -268,6 +268,11 @@ def test_settings_a_target_cannot_represent_are_named():
   with pytest.raises(export.ExportError,
                      match=r"open_clip: config\.model\.image\.pool='map'"):
     export.to_open_clip(random_params(siglip), siglip, "/nonexistent")
+  conv = tiny_config("clip")
+  conv.model.image.stem = "conv"
+  for to, target in ((export.to_hf, "CLIPModel"), (export.to_open_clip, "open_clip")):
+    with pytest.raises(export.ExportError, match=rf"{target}: .*image\.stem='conv'"):
+      to(random_params(conv), conv, "/nonexistent")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,15 +129,36 @@ def ref_encode_text(p, tokens, cfg):
   return ref_normalize(pooled @ p["text.proj.kernel"])
 
 
+def ref_conv_stem(imgs, p):
+  """3x3 stride-2 convolutions with zero padding 1, written as sums over the 9 taps, each
+  followed by a LayerNorm over channels and exact GELU; then the 1x1 patch_embed."""
+  gelu = lambda h: 0.5 * h * (1 + scipy.special.erf(h / np.sqrt(2)))
+  x, i = imgs, 0
+  while f"image.conv_stem.kernels.{i}" in p:
+    k = p[f"image.conv_stem.kernels.{i}"]  # [3, 3, in, out]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    x = sum(padded[:, dy:dy + 2 * h:2, dx:dx + 2 * w:2] @ k[dy, dx]
+            for dy in range(3) for dx in range(3))
+    mu = x.mean(-1, keepdims=True)
+    x = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    x = gelu(x * p[f"image.conv_stem.scales.{i}"] + p[f"image.conv_stem.biases.{i}"])
+    i += 1
+  return x.reshape(len(imgs), -1, x.shape[-1]) @ p["image.patch_embed.kernel"]
+
+
 def ref_encode_image(p, imgs, cfg):
   c = cfg.image
   ps, w = c.patch_size, c.width
-  # CLIP's conv1 with the torch weight [width, 3, p, p] (the layout export writes).
-  conv = p["image.patch_embed.kernel"].reshape(ps, ps, 3, w).transpose(3, 2, 0, 1)
-  g = c.image_size // ps
-  tokens = np.stack([np.einsum("byxc,ocyx->bo", imgs[:, i * ps:(i + 1) * ps,
-                                                   j * ps:(j + 1) * ps], conv)
-                     for i in range(g) for j in range(g)], axis=1)
+  if c.get("stem", "patch") == "conv":
+    tokens = ref_conv_stem(imgs, p)
+  else:
+    # CLIP's conv1 with the torch weight [width, 3, p, p] (the layout export writes).
+    conv = p["image.patch_embed.kernel"].reshape(ps, ps, 3, w).transpose(3, 2, 0, 1)
+    g = c.image_size // ps
+    tokens = np.stack([np.einsum("byxc,ocyx->bo", imgs[:, i * ps:(i + 1) * ps,
+                                                     j * ps:(j + 1) * ps], conv)
+                       for i in range(g) for j in range(g)], axis=1)
   cls = np.broadcast_to(p["image.class_embedding"], (len(imgs), 1, w))
   x = np.concatenate([cls, tokens], 1) + p["image.positional_embedding"]
   x = ref_layer_norm(x, p, "image.ln_pre")
@@ -170,6 +191,18 @@ def test_image_tower_matches_float64_numpy_reference(model):
   imgs = images()
   want = ref_encode_image(np_params(model), np.asarray(imgs, np.float64), tiny_config())
   np.testing.assert_allclose(embed_image(model, imgs), want, atol=1e-5)
+
+
+def test_conv_stem_tower_matches_float64_numpy_reference():
+  m = build(**{"image.stem": "conv"})
+  p = np_params(m)
+  # patch 4 -> two stride-2 convolutions, channels max(8, width >> 2), max(8, width >> 1).
+  assert [p[f"image.conv_stem.kernels.{i}"].shape for i in range(2)] == [(3, 3, 3, 8),
+                                                                         (3, 3, 8, 8)]
+  assert "image.conv_stem.kernels.2" not in p and p["image.patch_embed.kernel"].shape == (8, 16)
+  imgs = images()
+  want = ref_encode_image(p, np.asarray(imgs, np.float64), tiny_config(**{"image.stem": "conv"}))
+  np.testing.assert_allclose(embed_image(m, imgs), want, atol=1e-5)
 
 
 def test_text_is_causal_tokens_after_eos_do_not_matter(model):
@@ -257,7 +290,8 @@ def test_scale_is_clipped_at_logit_scale_max_with_zero_gradient(model):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_every_matrix_param_has_logical_axes_and_scanned_ones_lead_with_layers(scan):
-  m = nnx.eval_shape(lambda: build(scan_layers=scan, **{"image.pool": "map"}))
+  m = nnx.eval_shape(lambda: build(scan_layers=scan, **{"image.pool": "map",
+                                                       "image.stem": "conv"}))
   specs = nnx.to_flat_state(nnx.get_partition_spec(nnx.state(m, nnx.Param)))
   shapes = dict(nnx.to_flat_state(nnx.state(m, nnx.Param)))
   known = {name for name, _ in sharding.RULES}
@@ -306,6 +340,7 @@ def test_sharded_forward_on_8_devices_matches_unsharded(model, scan):
 
 @pytest.mark.parametrize("key,value,message", [
     ("image.pool", "foo", "config.model.image.pool='foo'; allowed: cls, map, gap"),
+    ("image.stem", "resnet", "config.model.image.stem='resnet'; allowed: patch, conv"),
     ("text.pool", "first", "config.model.text.pool='first'; allowed: eos, last, argmax"),
     ("text.heads", 3, "config.model.text.width=16 is not divisible by config.model.text.heads=3"),
     ("activation", "relu", "config.model.activation='relu'; allowed: gelu, quick_gelu"),

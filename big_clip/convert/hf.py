@@ -72,6 +72,8 @@ def check_exportable(m: Any, kind: str) -> None:
     if not ok:
       bad.append(f"config.model.{setting} ({fix})")
 
+  need(tables.setting(img, "stem", "patch") == "patch", f"image.stem={img.get('stem')!r}",
+       "the HF vision embeddings patchify with one stride-p convolution: 'patch'")
   if kind == "clip":
     need(img.pool == "cls", f"image.pool={img.pool!r}", "CLIPModel pools the class token: 'cls'")
     need(ln_pre, "image.ln_pre=False", "CLIPModel has a pre-LayerNorm")

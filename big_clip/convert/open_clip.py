@@ -35,6 +35,9 @@ def check_exportable(m: Any) -> None:
   if img.pool != "cls":
     bad.append(f"config.model.image.pool={img.pool!r} (open_clip's VisionTransformer always has "
                "a class token and pools it; its attentional pooler is not SigLIP's MAP head)")
+  if tables.setting(img, "stem", "patch") != "patch":
+    bad.append(f"config.model.image.stem={img.stem!r} (open_clip's VisionTransformer patchifies "
+               "with one stride-p convolution)")
   if not tables.setting(img, "proj", True):
     bad.append("config.model.image.proj=False (open_clip's VisionTransformer has a projection)")
   if txt.pool not in TEXT_POOL:

@@ -41,7 +41,7 @@ from PIL import Image
 from big_clip.data import manifest as manifest_lib
 from big_clip.data import shards
 
-_CROP_STREAM, _CAPTION_STREAM = 1, 2  # rng tags: crop and caption draws are independent
+_CROP_STREAM, _CAPTION_STREAM, _FLIP_STREAM = 1, 2, 3  # rng tags: independent draws
 _TFDS_LABEL_TEMPLATE = "a photo of a {}."
 _TFDS_FILE = -1  # the 'file' part of a tfds example's rng key
 
@@ -127,12 +127,14 @@ class Processing:
   languages: tuple[str, ...]
   weights: np.ndarray
   long_caption_prob: float
+  flip_prob: float = 0.0  # P(mirror the image left-right)
 
   @classmethod
   def from_config(cls, data_cfg: ml_collections.ConfigDict, seed: int) -> Processing:
     languages, weights = language_table(data_cfg.languages)
     return cls(int(seed), int(data_cfg.image_size), float(data_cfg.crop_min_scale),
-               languages, weights, float(data_cfg.long_caption_prob))
+               languages, weights, float(data_cfg.long_caption_prob),
+               float(data_cfg.flip_prob))
 
   def __call__(self, raw: shards.RawExample, epoch: int, file: int, item: int
                ) -> tuple[np.ndarray, str]:
@@ -140,6 +142,9 @@ class Processing:
     crop_rng = (np.random.default_rng(key + [_CROP_STREAM]) if self.crop_min_scale < 1
                 else None)
     image = decode_and_crop(raw.image, self.image_size, crop_rng, self.crop_min_scale)
+    flip_rng = np.random.default_rng(key + [_FLIP_STREAM]) if self.flip_prob > 0 else None
+    if flip_rng is not None and flip_rng.random() < self.flip_prob:
+      image = np.ascontiguousarray(image[:, ::-1])
     rng = np.random.default_rng(key + [_CAPTION_STREAM])
     captions = raw.captions
     use_long = rng.random() < self.long_caption_prob  # always drawn: same stream either way
