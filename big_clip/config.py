@@ -113,6 +113,10 @@ def base() -> ml_collections.ConfigDict:
       # (and image) embeddings plus KL between similarity matrices at `temperature`.
       distill=dict(enabled=False, teacher="", feature="cosine", feature_weight=1.0,
                    kl_weight=1.0, temperature=0.05, contrastive_weight=1.0),
+      # > 0: + text_pair_weight * the contrastive loss (config.loss.name) between each
+      # caption and another caption of its image in data.pair_language (translation ranking,
+      # as LaBSE / Multilingual-CLIP): ties every language to the pivot's text embedding.
+      text_pair_weight=0.0,
   )
   # Architecture switches for exact CLIP / SigLIP layouts (big_clip/export.py maps them to
   # Hugging Face and open_clip); the defaults are OpenAI CLIP's.
@@ -145,6 +149,9 @@ def base() -> ml_collections.ConfigDict:
       text_language="en",  # language of plain-text captions (.txt, tfds text/labels)
       crop_min_scale=0.9,  # random-resized crop area fraction (open_clip); >= 1: centre crop
       flip_prob=0.0,  # files/tfds: P(mirror an image left-right); small data sets gain from 0.5
+      # '' or a language: each example also carries 'text_pair', another caption of its image
+      # in this language (for loss.text_pair_weight; the drawn caption when there is no other)
+      pair_language="",
       long_caption_prob=0.0,  # P(use the 'long_captions' field when an image has one)
       shuffle_buffer=10_000,  # tfds only: seeded shuffle buffer after the file shuffle
   )
@@ -296,10 +303,17 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"{c.optim.grad_accum_steps} are both > 1; pick one: loss.accum_steps keeps the whole "
        "batch as one contrastive batch (gradient cache), optim.grad_accum_steps makes each "
        "micro-batch its own contrastive batch.")
-  need(c.loss.accum_steps == 1 or not (c.loss.long_clip.enabled or c.loss.distill.enabled),
+  need(c.loss.accum_steps == 1 or not (c.loss.long_clip.enabled or c.loss.distill.enabled
+                                       or c.loss.text_pair_weight > 0),
        f"config.loss.accum_steps={c.loss.accum_steps} (gradient cache) covers the contrastive "
-       "loss only; set it to 1 with config.loss.long_clip or config.loss.distill enabled (use "
-       "optim.grad_accum_steps for memory there).")
+       "loss only; set it to 1 with config.loss.long_clip, config.loss.distill or "
+       "config.loss.text_pair_weight (use optim.grad_accum_steps for memory there).")
+  need(c.loss.text_pair_weight >= 0, f"config.loss.text_pair_weight="
+       f"{c.loss.text_pair_weight} must be >= 0 (0 = off).")
+  need((c.loss.text_pair_weight > 0) == bool(c.data.pair_language),
+       f"config.loss.text_pair_weight={c.loss.text_pair_weight} and config.data.pair_language="
+       f"{c.data.pair_language!r} go together: the paired caption is read only by that loss "
+       "term; set both (e.g. text_pair_weight=1.0, pair_language='en') or neither.")
   need(c.loss.group_size >= 0, f"config.loss.group_size={c.loss.group_size} must be >= 0 "
        "(0 = all data-parallel devices).")
   need(c.loss.name == "grouped" or c.loss.group_size == 0,

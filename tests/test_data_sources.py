@@ -233,6 +233,28 @@ def test_flip_mirrors_about_half_the_images_and_leaves_captions_alone(tar_shards
   assert 8 <= len(mirrored) <= 22  # Binomial(30, 0.5): outside this with p < 0.01
 
 
+def test_pair_caption_is_another_caption_of_the_same_image_in_the_pair_language(tar_shards):
+  def by_id(**kw):
+    it = _iterator(f"shards:{tar_shards}", global_batch=2, **kw)
+    out = {}
+    for b in _take(it, 15):
+      pairs = b.get("text_pair", b["text"])
+      for i, img, txt, pair in zip(_ids(b), b["image"], b["text"], pairs):
+        out[i] = (img, _text(txt), _text(pair))
+    it.close()
+    return out
+
+  plain, german, english = by_id(), by_id(pair_language="de"), by_id(pair_language="en")
+  for i in range(30):
+    np.testing.assert_array_equal(german[i][0], plain[i][0])  # its own rng stream: image
+    assert german[i][1] == english[i][1] == plain[i][1]  # and caption draws unchanged
+    drawn = plain[i][1]
+    # de has two captions: the pair is always the other one (also when 'photo i' was drawn).
+    assert german[i][2] in (f"foto {i}", f"bild {i}") and german[i][2] != drawn
+    assert english[i][2] == f"photo {i}"  # the only en caption; itself when it was drawn
+  assert {plain[i][1] for i in range(30)} & {f"photo {i}" for i in range(30)}  # both cases
+
+
 # ---------------------------------------------------------------------------------------
 # Bad data.
 # ---------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from PIL import Image
 from big_clip.data import manifest as manifest_lib
 from big_clip.data import shards
 
-_CROP_STREAM, _CAPTION_STREAM, _FLIP_STREAM = 1, 2, 3  # rng tags: independent draws
+_CROP_STREAM, _CAPTION_STREAM, _FLIP_STREAM, _PAIR_STREAM = 1, 2, 3, 4  # independent draws
 _TFDS_LABEL_TEMPLATE = "a photo of a {}."
 _TFDS_FILE = -1  # the 'file' part of a tfds example's rng key
 
@@ -118,9 +118,19 @@ def choose_caption(captions: Mapping[str, Sequence[str]], languages: Sequence[st
   return languages[pick], pool[int(rng.integers(len(pool)))]
 
 
+def pair_caption(captions: Mapping[str, Sequence[str]], language: str, drawn: str,
+                 rng: np.random.Generator) -> str:
+  """A caption of the same image in `language` (config.data.pair_language) other than the
+  `drawn` one, uniformly; the drawn caption itself when the image has no other (a pair that
+  teaches nothing but keeps the example)."""
+  pool = [c for c in captions.get(language, ()) if c.strip() and c != drawn]
+  return pool[int(rng.integers(len(pool)))] if pool else drawn
+
+
 @dataclasses.dataclass(frozen=True)
 class Processing:
-  """What turns a raw example into (image, caption); from config.data."""
+  """What turns a raw example into (image, caption, paired caption or ''); from
+  config.data."""
   seed: int
   image_size: int
   crop_min_scale: float  # >= 1: no augmentation (resize + centre crop)
@@ -128,16 +138,17 @@ class Processing:
   weights: np.ndarray
   long_caption_prob: float
   flip_prob: float = 0.0  # P(mirror the image left-right)
+  pair_language: str = ""  # '': no paired caption
 
   @classmethod
   def from_config(cls, data_cfg: ml_collections.ConfigDict, seed: int) -> Processing:
     languages, weights = language_table(data_cfg.languages)
     return cls(int(seed), int(data_cfg.image_size), float(data_cfg.crop_min_scale),
                languages, weights, float(data_cfg.long_caption_prob),
-               float(data_cfg.flip_prob))
+               float(data_cfg.flip_prob), str(data_cfg.pair_language))
 
   def __call__(self, raw: shards.RawExample, epoch: int, file: int, item: int
-               ) -> tuple[np.ndarray, str]:
+               ) -> tuple[np.ndarray, str, str]:
     key = [self.seed, epoch, file + 1, item]  # file + 1: tfds's -1 stays non-negative
     crop_rng = (np.random.default_rng(key + [_CROP_STREAM]) if self.crop_min_scale < 1
                 else None)
@@ -151,7 +162,11 @@ class Processing:
     if use_long and any(c.strip() for caps in raw.long_captions.values() for c in caps):
       captions = raw.long_captions
     _, text = choose_caption(captions, self.languages, self.weights, rng)
-    return image, text
+    pair = ""
+    if self.pair_language:  # from the short captions, on a stream of its own
+      pair = pair_caption(raw.captions, self.pair_language, text,
+                          np.random.default_rng(key + [_PAIR_STREAM]))
+    return image, text, pair
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,29 +237,29 @@ def _reason_code(reason: str) -> int:
     return _REASONS.index(reason)
 
 
-def _processed(fn: Callable[..., tuple[np.ndarray, str]], size: int
-               ) -> Callable[..., tuple[np.int32, np.ndarray, bytes]]:
-  """Wraps `fn` so a BadSample becomes (reason code, blank image, b'')."""
+def _processed(fn: Callable[..., tuple[np.ndarray, str, str]], size: int
+               ) -> Callable[..., tuple[np.int32, np.ndarray, bytes, bytes]]:
+  """Wraps `fn` so a BadSample becomes (reason code, blank image, b'', b'')."""
 
   def run(*args):
     try:
-      image, text = fn(*args)
-      return np.int32(0), image, text.encode("utf-8")
+      image, text, pair = fn(*args)
+      return np.int32(0), image, text.encode("utf-8"), pair.encode("utf-8")
     except shards.BadSample as e:
-      return np.int32(_reason_code(e.reason)), np.zeros((size, size, 3), np.uint8), b""
+      return np.int32(_reason_code(e.reason)), np.zeros((size, size, 3), np.uint8), b"", b""
 
   return run
 
 
 def _map_processed(ds: tf.data.Dataset, fn: Callable, size: int) -> tf.data.Dataset:
-  """(position, *inputs) -> (position, reason code, image uint8, caption) in parallel,
-  order kept, with a prefetch buffer."""
+  """(position, *inputs) -> (position, reason code, image uint8, caption, paired caption)
+  in parallel, order kept, with a prefetch buffer."""
   wrapped = _processed(fn, size)
 
   def call(position, *inputs):
-    code, image, text = tf.numpy_function(wrapped, list(inputs),
-                                          (tf.int32, tf.uint8, tf.string), stateful=False)
-    return position, code, image, text
+    code, image, text, pair = tf.numpy_function(
+        wrapped, list(inputs), (tf.int32, tf.uint8, tf.string, tf.string), stateful=False)
+    return position, code, image, text, pair
 
   ds = ds.map(call, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
@@ -254,7 +269,7 @@ def file_epoch(source: FileSource, process: Processing, epoch: int, start: int
                ) -> tf.data.Dataset:
   order = np.random.default_rng([process.seed, epoch]).permutation(len(source.refs))
 
-  def one(position: np.int64) -> tuple[np.ndarray, str]:
+  def one(position: np.int64) -> tuple[np.ndarray, str, str]:
     f, i = (int(x) for x in source.refs[order[position]])
     return process(source.read(f, i), epoch, f, i)
 
@@ -329,7 +344,7 @@ def tfds_epoch(source: TfdsSource, process: Processing, epoch: int, start: int
   ds = ds.enumerate().skip(start)  # resume: the same stream, `start` examples in
   ds = ds.map(lambda p, ex: (p, p, ex["image"], source.caption_fn(ex)))
 
-  def one(position, image, texts) -> tuple[np.ndarray, str]:
+  def one(position, image, texts) -> tuple[np.ndarray, str, str]:
     caps = [t.decode("utf-8") for t in texts]
     raw = shards.RawExample(str(position), image, "", {source.text_language: caps})
     return process(raw, epoch, _TFDS_FILE, int(position))
@@ -342,7 +357,9 @@ def tfds_epoch(source: TfdsSource, process: Processing, epoch: int, start: int
 # ---------------------------------------------------------------------------------------
 class SourceIterator:
   """Infinite iterator of host-local batches {'image': float32 [b, H, W, 3] normalized,
-  'text': int32 [b, max_len]} of a real source; b = global_batch / process_count.
+  'text': int32 [b, max_len]} of a real source; b = global_batch / process_count. With
+  config.data.pair_language also 'text_pair': int32 [b, max_len], another caption of each
+  image in that language.
 
   `get_state()` is the position after the last batch handed out; batches built ahead by
   the prefetch thread are not counted, and `set_state` discards them.
@@ -354,6 +371,7 @@ class SourceIterator:
     self._process_index, self._process_count = process_index, process_count
     self._local_batch = int(data_cfg.global_batch) // process_count
     self._max_len = int(data_cfg.max_len)
+    self._with_pair = bool(data_cfg.pair_language)
     self._tokenizer, self._seed = tokenizer, int(seed)
     self._normalize = normalize
     self._process = Processing.from_config(data_cfg, seed)
@@ -376,17 +394,19 @@ class SourceIterator:
 
   # -- the producer ---------------------------------------------------------------------
   def _examples(self, epoch: int, position: int
-                ) -> Iterator[tuple[int, int, str, np.ndarray, str]]:
-    """(epoch, position after it, skip reason or '', image, caption) from a state on."""
+                ) -> Iterator[tuple[int, int, str, np.ndarray, str, str]]:
+    """(epoch, position after it, skip reason or '', image, caption, paired caption) from a
+    state on."""
     while True:
       bad: dict[str, int] = {}
       seen = 0
-      for pos, code, image, text in self._epoch_fn(self._source, self._process, epoch,
-                                                   position).as_numpy_iterator():
+      for pos, code, image, text, pair in self._epoch_fn(self._source, self._process, epoch,
+                                                         position).as_numpy_iterator():
         seen += 1
         if code:
           bad[_REASONS[code]] = bad.get(_REASONS[code], 0) + 1
-        yield epoch, int(pos) + 1, _REASONS[code], image, text.decode("utf-8")
+        yield (epoch, int(pos) + 1, _REASONS[code], image, text.decode("utf-8"),
+               pair.decode("utf-8"))
       if position == 0 and sum(bad.values()) == seen:
         raise SourceError(f"{self._source.name} yielded no usable example in a whole epoch "
                           f"(host {self._process_index} of {self._process_count}); skipped: "
@@ -398,25 +418,33 @@ class SourceIterator:
     return dict(getattr(self._source, "index_skipped", {}))
 
   def _batches(self, epoch: int, position: int):
-    images, texts, skipped = [], [], {}
-    for epoch, position, reason, image, text in self._examples(epoch, position):
+    images, texts, pairs, skipped = [], [], [], {}
+    for epoch, position, reason, image, text, pair in self._examples(epoch, position):
       if reason:
         skipped[reason] = skipped.get(reason, 0) + 1
         continue
       images.append(image)
       texts.append(text)
+      pairs.append(pair)
       if len(images) == self._local_batch:
-        yield self._finish(images, texts), (epoch, position), skipped
-        images, texts, skipped = [], [], {}
+        yield self._finish(images, texts, pairs), (epoch, position), skipped
+        images, texts, pairs, skipped = [], [], [], {}
 
-  def _finish(self, images: list[np.ndarray], texts: list[str]) -> dict[str, np.ndarray]:
+  def _tokens(self, texts: list[str]) -> np.ndarray:
     tokens = np.asarray(self._tokenizer.encode(texts), np.int32)
     if tokens.shape != (len(texts), self._max_len):
       raise ValueError(f"The tokenizer returned {tokens.shape} tokens for {len(texts)} "
                        f"captions; expected max_len={self._max_len} (config.data.max_len).")
+    return tokens
+
+  def _finish(self, images: list[np.ndarray], texts: list[str], pairs: list[str]
+              ) -> dict[str, np.ndarray]:
     stacked = np.stack(images)
-    return {"image": self._normalize(stacked) if self._normalize else stacked,
-            "text": tokens}
+    batch = {"image": self._normalize(stacked) if self._normalize else stacked,
+             "text": self._tokens(texts)}
+    if self._with_pair:
+      batch["text_pair"] = self._tokens(pairs)
+    return batch
 
   def _produce(self, out: queue.Queue, stop: threading.Event, epoch: int, position: int):
     try:

@@ -30,6 +30,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CAPTION_STREAM = 1  # rng entropy tag: captions get a stream apart from the image's
 _LONG_CAPTION_STREAM = 2  # long captions: a stream of their own, short captions unchanged
+_PAIR_STREAM = 3  # paired captions (config.data.pair_language): a stream of their own
 
 
 class Tokenizer(Protocol):
@@ -71,12 +72,18 @@ def language_weights(languages: Mapping[str, float]) -> tuple[tuple[str, ...], n
 
 
 def example(seed: int, index: int, image_size: int, languages: Sequence[str],
-            cumulative: np.ndarray) -> tuple[np.ndarray, str, str]:
-  """(image uint8 [H, W, 3], language, caption) of training example `index`."""
+            cumulative: np.ndarray, pair_language: str = ""
+            ) -> tuple[np.ndarray, str, str] | tuple[np.ndarray, str, str, str]:
+  """(image uint8 [H, W, 3], language, caption) of training example `index`; with
+  `pair_language`, + another caption of the same image drawn in that language."""
   image, attrs = sources.render_example(seed, "train", index, image_size)
   rng = np.random.default_rng([seed, _CAPTION_STREAM, index])
   lang = languages[min(bisect.bisect_right(cumulative, rng.random()), len(languages) - 1)]
-  return image, lang, sources.caption(attrs, lang, rng)
+  text = sources.caption(attrs, lang, rng)
+  if not pair_language:
+    return image, lang, text
+  pair = sources.caption(attrs, pair_language, np.random.default_rng([seed, _PAIR_STREAM, index]))
+  return image, lang, text, pair
 
 
 def long_example(seed: int, index: int, image_size: int, long_share: float
@@ -100,7 +107,8 @@ class EmbeddedIterator:
 
   With `data_cfg.long_captions` > 0 that share of captions is long (English only) and,
   with `with_short_captions`, 'text_short' holds every image's short caption as well
-  (Long-CLIP §3.2 trains each image with both).
+  (Long-CLIP §3.2 trains each image with both). With `data_cfg.pair_language`,
+  'text_pair' holds another caption of each image in that language.
   """
 
   def __init__(self, data_cfg: ml_collections.ConfigDict, process_index: int,
@@ -119,6 +127,13 @@ class EmbeddedIterator:
     self._with_short = bool(with_short_captions)
     if self._with_short and self._long_share <= 0:
       raise ValueError("with_short_captions needs config.data.long_captions > 0.")
+    self._pair_language = str(data_cfg.get("pair_language", ""))
+    if self._pair_language and self._long_share > 0:
+      raise ValueError("config.data.pair_language with config.data.long_captions > 0: the "
+                       "embedded data pairs short captions only; set one of them to off.")
+    if self._pair_language and self._pair_language not in sources.EMBEDDED_LANGUAGES:
+      raise ValueError(f"config.data.pair_language={self._pair_language!r} is not a language "
+                       f"of the embedded dataset; available: {sources.EMBEDDED_LANGUAGES}.")
     self._next_example = 0  # first example of the next batch handed out (global index)
     self._prefetch = max(0, int(prefetch))
     self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="big_clip_data")
@@ -129,12 +144,16 @@ class EmbeddedIterator:
   def batch_at(self, first_example: int) -> dict[str, np.ndarray]:
     """This host's part of the global batch that starts at `first_example`."""
     start = first_example + self._host_offset
-    images, captions, shorts = [], [], []
+    images, captions, shorts, pairs = [], [], [], []
     for index in range(start, start + self._local_batch):
       if self._long_share > 0:
         image, text, short = long_example(self._seed, index, self._image_size,
                                           self._long_share)
         shorts.append(short)
+      elif self._pair_language:
+        image, _, text, pair = example(self._seed, index, self._image_size, self._languages,
+                                       self._cumulative, self._pair_language)
+        pairs.append(pair)
       else:
         image, _, text = example(self._seed, index, self._image_size, self._languages,
                                  self._cumulative)
@@ -151,6 +170,8 @@ class EmbeddedIterator:
              "text": tokens if tokens.dtype == np.float32 else tokens.astype(np.int32)}
     if self._with_short:
       batch["text_short"] = self._tokenizer.encode(shorts).astype(np.int32)
+    if self._pair_language:
+      batch["text_pair"] = self._tokenizer.encode(pairs).astype(np.int32)
     return batch
 
   def __iter__(self) -> EmbeddedIterator:

@@ -1,6 +1,7 @@
 """Loss terms added to the contrastive loss by config (issue 8): Long-CLIP's short-caption
-term (`config.loss.long_clip`, losses/long_clip.py) and distillation from a frozen teacher
-(`config.loss.distill`, losses/distill.py). The train step calls `make(config)` once.
+term (`config.loss.long_clip`, losses/long_clip.py), distillation from a frozen teacher
+(`config.loss.distill`, losses/distill.py) and the caption-pair term
+(`config.loss.text_pair_weight`). The train step calls `make(config)` once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def batch_entries(config: ml_collections.ConfigDict, teacher_dim: int | None = N
   out = {}
   if config.loss.long_clip.enabled:
     out["text_short"] = ((config.data.max_len,), "int32")
+  if config.loss.text_pair_weight > 0:
+    out["text_pair"] = ((config.data.max_len,), "int32")
   if config.loss.distill.enabled:
     dim = teacher_dim or config.model.embed_dim
     out.update({k: ((dim,), "float32") for k in TEACHER_KEYS})
@@ -32,9 +35,11 @@ def make(config: ml_collections.ConfigDict) -> Callable[..., jax.Array] | None:
   """`total(contrastive, model, batch, img_emb, txt_emb, scale, bias, *, mesh)` -> the loss
   with the enabled terms, or None when none is enabled."""
   lc, dist = config.loss.long_clip, config.loss.distill
-  if not (lc.enabled or dist.enabled):
+  pair_weight = float(config.loss.text_pair_weight)
+  if not (lc.enabled or dist.enabled or pair_weight > 0):
     return None
   base_loss = losses.get(config.loss.name)
+  pair_loss = losses.from_config(config.loss)  # the grouped loss keeps its groups
 
   def total(contrastive: jax.Array, model: Any, batch: dict, img_emb: jax.Array,
             txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *, mesh) -> jax.Array:
@@ -44,6 +49,9 @@ def make(config: ml_collections.ConfigDict) -> Callable[..., jax.Array] | None:
       out = out + float(lc.short_weight) * long_clip.short_caption_loss(
           img_emb, model.encode_text(batch["text_short"]), scale, bias,
           num_components=int(lc.num_components), base_loss=base_loss, mesh=mesh)
+    if pair_weight > 0:  # caption <-> another caption of its image in the pivot language
+      out = out + pair_weight * pair_loss(txt_emb, model.encode_text(batch["text_pair"]),
+                                          scale, bias, mesh=mesh)
     if dist.enabled:
       from big_clip.losses import distill
       out = float(dist.contrastive_weight) * out + distill.loss(
