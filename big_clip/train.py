@@ -109,19 +109,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     img_emb, txt_emb = model(batch["image"], batch["text"])
     scale, bias = model.scale_and_bias()
     loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
+    parts = {}  # the terms of a composite loss, logged as metrics
     if extra_terms is not None:
-      loss = extra_terms(loss, model, batch, img_emb, txt_emb, scale, bias, mesh=mesh)
-    return loss, (scale, bias)
+      loss, parts = extra_terms(loss, model, batch, img_emb, txt_emb, scale, bias, mesh=mesh)
+    return loss, (scale, bias, parts)
 
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 
   def gradients(params, frozen, batch):
     if config.loss.accum_steps > 1:  # one contrastive batch, backprop in micro-batches
       model = lambda p: nnx.merge(graphdef, optim.combine(p, frozen))
-      return grad_cache.value_and_grad(
+      (loss, (scale, bias)), grads = grad_cache.value_and_grad(
           lambda p, b: model(p)(b["image"], b["text"]),
           lambda p: model(p).scale_and_bias(), loss_fn, params, batch,
           accum_steps=config.loss.accum_steps, mesh=mesh)
+      return (loss, (scale, bias, {})), grads
     if accum == 1:
       return grad_fn(params, frozen, batch)
     # Micro-batch i holds examples i, i+accum, ... so that each one stays spread over all
@@ -135,12 +137,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss_sum, grad_sum), aux = jax.lax.scan(body, zeros, micro)
-    aux = jax.tree.map(lambda a: a[-1], aux)
+    aux = jax.tree.map(lambda a: a.mean(0), aux)  # scale / bias: the same in every one
     return (loss_sum / accum, aux), jax.tree.map(lambda g: g / accum, grad_sum)
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     params, frozen = split(state["params"])
-    (loss, (scale, bias)), grads = gradients(params, frozen, batch)
+    (loss, (scale, bias, parts)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)
     updates, opt = tx.update(grads, state["opt"], params)
     params = optim.combine(optax.apply_updates(params, updates), frozen)
@@ -159,7 +161,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             state["first_nonfinite_step"]),
     }
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-               "logit_scale": scale, "logit_bias": bias}
+               "logit_scale": scale, "logit_bias": bias, **parts}
     return new_state, metrics
 
   return train_step
@@ -383,8 +385,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
                   examples_per_s=steps_per_s * config.data.global_batch)
       last.update({f"skipped/{k}": v for k, v in data_iter.skipped().items()})
       metrics_log.write(step, last)
-      logging.info("step %d/%d  loss %.4f  lr %.2e  scale %.1f  %.2f steps/s  %.0f ex/s  ETA %s",
-                   step, config.total_steps, last["loss"], last["lr"], last["logit_scale"],
+      terms = ", ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss/"))
+      logging.info("step %d/%d  loss %.4f%s  lr %.2e  scale %.1f  %.2f steps/s  %.0f ex/s  "
+                   "ETA %s", step, config.total_steps, last["loss"],
+                   f" ({terms})" if terms else "", last["lr"], last["logit_scale"],
                    steps_per_s, last["examples_per_s"],
                    _eta((config.total_steps - step) / max(steps_per_s, 1e-9)))
 

@@ -31,9 +31,12 @@ def batch_entries(config: ml_collections.ConfigDict, teacher_dim: int | None = N
   return out
 
 
-def make(config: ml_collections.ConfigDict) -> Callable[..., jax.Array] | None:
-  """`total(contrastive, model, batch, img_emb, txt_emb, scale, bias, *, mesh)` -> the loss
-  with the enabled terms, or None when none is enabled."""
+def make(config: ml_collections.ConfigDict
+         ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]] | None:
+  """`total(contrastive, model, batch, img_emb, txt_emb, scale, bias, *, mesh)` -> (the loss
+  with the enabled terms, {metric name: each term before weighting}), or None when none is
+  enabled. The names ('loss/contrastive', 'loss/short_caption', 'loss/text_pair',
+  'loss/distill') are logged next to 'loss'."""
   lc, dist = config.loss.long_clip, config.loss.distill
   pair_weight = float(config.loss.text_pair_weight)
   if not (lc.enabled or dist.enabled or pair_weight > 0):
@@ -42,22 +45,26 @@ def make(config: ml_collections.ConfigDict) -> Callable[..., jax.Array] | None:
   pair_loss = losses.from_config(config.loss)  # the grouped loss keeps its groups
 
   def total(contrastive: jax.Array, model: Any, batch: dict, img_emb: jax.Array,
-            txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *, mesh) -> jax.Array:
-    out = contrastive
+            txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *, mesh
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    out, parts = contrastive, {"loss/contrastive": contrastive}
     if lc.enabled:  # Long-CLIP §3.2: 'text' holds long captions, 'text_short' short ones
       from big_clip.losses import long_clip
-      out = out + float(lc.short_weight) * long_clip.short_caption_loss(
+      parts["loss/short_caption"] = long_clip.short_caption_loss(
           img_emb, model.encode_text(batch["text_short"]), scale, bias,
           num_components=int(lc.num_components), base_loss=base_loss, mesh=mesh)
+      out = out + float(lc.short_weight) * parts["loss/short_caption"]
     if pair_weight > 0:  # caption <-> another caption of its image in the pivot language
-      out = out + pair_weight * pair_loss(txt_emb, model.encode_text(batch["text_pair"]),
+      parts["loss/text_pair"] = pair_loss(txt_emb, model.encode_text(batch["text_pair"]),
                                           scale, bias, mesh=mesh)
+      out = out + pair_weight * parts["loss/text_pair"]
     if dist.enabled:
       from big_clip.losses import distill
-      out = float(dist.contrastive_weight) * out + distill.loss(
+      parts["loss/distill"] = distill.loss(
           img_emb, txt_emb, batch["teacher_image"], batch["teacher_text"],
           feature=dist.feature, feature_weight=float(dist.feature_weight),
           kl_weight=float(dist.kl_weight), temperature=float(dist.temperature), mesh=mesh)
-    return out
+      out = float(dist.contrastive_weight) * out + parts["loss/distill"]
+    return out, parts
 
   return total
