@@ -153,8 +153,8 @@ class Processing:
     crop_rng = (np.random.default_rng(key + [_CROP_STREAM]) if self.crop_min_scale < 1
                 else None)
     image = decode_and_crop(raw.image, self.image_size, crop_rng, self.crop_min_scale)
-    flip_rng = np.random.default_rng(key + [_FLIP_STREAM]) if self.flip_prob > 0 else None
-    if flip_rng is not None and flip_rng.random() < self.flip_prob:
+    if (self.flip_prob > 0
+        and np.random.default_rng(key + [_FLIP_STREAM]).random() < self.flip_prob):
       image = np.ascontiguousarray(image[:, ::-1])
     rng = np.random.default_rng(key + [_CAPTION_STREAM])
     captions = raw.captions

@@ -100,6 +100,15 @@ def dense(in_features: int, out_features: int, axes: tuple[str, str], *, std: fl
       bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[-1:]), rngs=rngs)
 
 
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """Normalizes the last axis with float32 statistics, then scale and bias; float32 out."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps)
+  return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm (eps `cfg.ln_eps`, scale and bias, as torch nn.LayerNorm) with float32
   statistics."""
@@ -111,12 +120,7 @@ class LayerNorm(nnx.Module):
     self.dtype = cfg.dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    return layer_norm(x, self.scale[...], self.bias[...], self.eps).astype(self.dtype)
 
 
 class MLP(nnx.Module):

@@ -95,11 +95,8 @@ class ConvStem(nnx.Module):
       x = jax.lax.conv_general_dilated(
           x.astype(self.dtype), kernel[...].astype(self.dtype), window_strides=(2, 2),
           padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      x = x.astype(jnp.float32)
-      mean = x.mean(-1, keepdims=True)
-      var = jnp.square(x - mean).mean(-1, keepdims=True)
-      x = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale[...] + bias[...]
-      x = self.activation(x).astype(self.dtype)
+      x = self.activation(layers.layer_norm(x, scale[...], bias[...], self.eps))
+      x = x.astype(self.dtype)
     return x
 
 
