@@ -314,6 +314,10 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"config.loss.text_pair_weight={c.loss.text_pair_weight} and config.data.pair_language="
        f"{c.data.pair_language!r} go together: the paired caption is read only by that loss "
        "term; set both (e.g. text_pair_weight=1.0, pair_language='en') or neither.")
+  need(c.loss.text_pair_weight == 0 or not c.model.text.llm.cache_dir,
+       "config.loss.text_pair_weight needs the text tower to embed the paired captions, but "
+       f"config.model.text.llm.cache_dir={c.model.text.llm.cache_dir!r} feeds cached features "
+       "for the drawn captions only; unset the cache or the caption pairs.")
   need(c.loss.group_size >= 0, f"config.loss.group_size={c.loss.group_size} must be >= 0 "
        "(0 = all data-parallel devices).")
   need(c.loss.name == "grouped" or c.loss.group_size == 0,

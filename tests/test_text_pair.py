@@ -109,6 +109,10 @@ def test_pair_keys_go_together_and_are_validated():
   with pytest.raises(config_lib.ConfigError, match="text_pair_weight"):
     config_lib.validate(c)
   c = tiny_config()
+  c.model.text.llm.cache_dir = "/tmp/cache"
+  with pytest.raises(config_lib.ConfigError, match="cache_dir.*caption pairs"):
+    config_lib.validate(c)
+  c = tiny_config()
   c.data.pair_language = "xx"
   with pytest.raises(ValueError, match=r"pair_language='xx'.*available"):
     pipeline.make(c.data, 0, 1, tokenizer=ByteTokenizer(), seed=0)
