@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from big_clip import config as config_lib  # noqa: E402
-from big_clip import sharding, train  # noqa: E402
+from big_clip import sharding, steps  # noqa: E402
 from big_clip.data import pipeline, shards, tokenizers  # noqa: E402
 
 DEFAULT_MANIFEST = os.path.join(ROOT, "..", "shared", "data", "flickr8k_multi30k",
@@ -87,7 +87,7 @@ def pipeline_rate(manifest: str, work: str, c, repeat: int, batches: int) -> flo
 
 def step_rate(c, steps: int) -> float:
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-  setup = train.build(c, mesh)
+  setup = steps.build(c, mesh)
   gb, size = c.data.global_batch, c.data.image_size
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((gb, size, size, 3), np.float32),

@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from big_clip import losses, sharding, train  # noqa: E402
+from big_clip import losses, sharding, steps  # noqa: E402
 from big_clip.losses import grouped  # noqa: E402
 
 MiB = 2**20
@@ -169,7 +169,7 @@ def accumulation_table() -> str:
   for k in (1, 2, 4):
     config = default.get_config()
     config.loss.accum_steps = k
-    setup = train.build(config, mesh)
+    setup = steps.build(config, mesh)
     del setup.state
     temp = setup.step.memory_analysis().temp_size_in_bytes / MiB
     lines.append(f"| {k} | {config.data.global_batch // k} | {temp:.1f} |")

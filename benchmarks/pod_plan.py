@@ -29,7 +29,7 @@ import argparse
 import jax
 
 from benchmarks import flops
-from big_clip import train
+from big_clip.models import two_tower
 from configs import clip_vit_b32
 
 GiB = 2 ** 30
@@ -55,7 +55,7 @@ def model_config(name: str):
 
 
 def count_params(config) -> int:
-  abstract = jax.eval_shape(train.init_fn(config))
+  abstract = jax.eval_shape(two_tower.init_fn(config.model, config.seed))
   from flax import nnx
   return sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
 

@@ -2,7 +2,7 @@ r"""Train-step throughput and MFU of big_clip against the same model in PyTorch,
 
     python -m benchmarks.train_step --model clip_vit_b32 --global_batch 16 --json /tmp/b32.json
 
-big_clip side: the real step from `big_clip.train.build` (AOT-compiled, state donated),
+big_clip side: the real step from `big_clip.steps.build` (AOT-compiled, state donated),
 synthetic batches already on the device, no host sync in the timed loop except the final
 `block_until_ready`. PyTorch side: Hugging Face `transformers.CLIPModel` built from a
 `CLIPConfig` with the same widths, depths, heads, MLP, activation, LayerNorm eps, positions
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops
-from big_clip import sharding, train
+from big_clip import sharding, steps
 from configs import clip_vit_b32
 
 MODELS = ("clip_vit_b32", "small")
@@ -85,7 +85,7 @@ class BigClipRunner:
   def __init__(self, config):
     self.config = config
     self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
-    self.setup = train.build(config, self.mesh)
+    self.setup = steps.build(config, self.mesh)
     self.state = self.setup.state
     self.batch = synthetic_batch(config, self.mesh)
     self.n_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))

@@ -11,16 +11,18 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 
+from big_clip import workdir as workdir_lib
 
-def _is_remote(path: str) -> bool:
-  return "://" in path
+Path = tuple[Any, ...]  # a flat parameter path, e.g. ('text', 'positional_embedding')
 
 
 def manager(directory: str, *, keep: int, use_async: bool) -> ocp.CheckpointManager:
-  directory = directory if _is_remote(directory) else os.path.abspath(directory)
+  directory = workdir_lib.absolute(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=use_async, create=True,
       # A checkpoint interrupted mid-write leaves a temporary directory; remove it on restart.
@@ -66,3 +68,52 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any)
               {"params": abstract_params}),
           partial_restore=True)))
   return restored["state"]["params"]
+
+
+def find(path: str) -> tuple[str, int | None, str]:
+  """(checkpoints folder, step or None for the newest, workdir) of a step folder
+  (WORKDIR/checkpoints/STEP), a checkpoints folder or a workdir."""
+  path = workdir_lib.absolute(path.rstrip("/"))
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(path):
+    return os.path.dirname(path), int(base), os.path.dirname(os.path.dirname(path))
+  if os.path.isdir(os.path.join(path, workdir_lib.CHECKPOINTS)):
+    return os.path.join(path, workdir_lib.CHECKPOINTS), None, path
+  if base == workdir_lib.CHECKPOINTS and os.path.isdir(path):
+    return path, None, os.path.dirname(path)
+  raise FileNotFoundError(f"{path!r} is not a checkpoint step folder (WORKDIR/checkpoints/"
+                          "STEP) or a workdir with a checkpoints/ folder; train first with "
+                          "python -m big_clip.train --config ... --workdir ...")
+
+
+def read_params(directory: str, step: int | None = None, target: Any = None
+                ) -> tuple[int, Any]:
+  """(step, params) of the checkpoint `step` (newest if None) in the checkpoints folder
+  `directory`: the one reader of saved parameters (eval, export, warm start, teachers).
+
+  `target` (abstract params with shardings) restores straight into that layout, which must
+  be the saved one; without it the arrays come back at their saved shapes, on one device, as
+  NumPy arrays keyed by flat path (for fitting into another model: models/adapt.py).
+  """
+  mngr = ocp.CheckpointManager(
+      workdir_lib.absolute(directory), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()})
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {directory} "
+                            f"(steps: {list(mngr.all_steps())}); train that run first or "
+                            "name an existing step.")
+  if target is None:
+    meta = mngr.item_metadata(step)["state"]
+    meta = getattr(meta, "tree", meta)["params"]  # saved shapes and dtypes
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          meta)
+    params = restore_params(mngr, step, target)
+    mngr.close()
+    return step, {path: np.asarray(v)
+                  for path, v in nnx.traversals.flatten_mapping(params).items()}
+  params = restore_params(mngr, step, target)
+  mngr.close()
+  return step, params

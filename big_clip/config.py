@@ -9,13 +9,14 @@ means adding it here with its default, so it is documented in one place.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
-from big_clip.evals import specs as eval_specs
+from big_clip.errors import UserError
 
 # OpenAI CLIP's pixel statistics (Radford et al. 2021), the default normalization.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -29,6 +30,10 @@ SOURCE_PREFIXES = ("tfds:", "shards:", "manifest:")
 # `config.init_from` is '' or one of these prefixes followed by a location.
 INIT_PREFIXES = ("hf:", "open_clip:", "big_clip:")
 
+# The projections of an LLM tower that LoRA may adapt (config.model.text.llm.lora_targets).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSS_NAMES = ("softmax", "sigmoid", "grouped")
+
 # Keys whose value must be one of a fixed set.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
@@ -37,7 +42,7 @@ CHOICES = {
     "model.image.pool": ("cls", "map", "gap"),
     "model.image.stem": ("patch", "conv"),
     "model.text.pool": ("eos", "last", "argmax", "final"),
-    "loss.name": ("softmax", "sigmoid", "grouped"),
+    "loss.name": LOSS_NAMES,
     "loss.group_base": ("softmax", "sigmoid"),
     "model.text.kind": ("clip", "llm"),
     "model.text.llm.pooling": ("mean", "last", "eos"),
@@ -49,7 +54,7 @@ CHOICES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config that cannot run; the message names the key and the fix."""
 
 
@@ -143,7 +148,7 @@ def base() -> ml_collections.ConfigDict:
       tokenizer=dict(path="", vocab_size=32000),  # path '' = train at first use in the workdir
       mean=CLIP_MEAN,
       std=CLIP_STD,
-      # Real sources (tfds:, shards:, manifest:; see big_clip/data/loader.py):
+      # Real sources (tfds:, shards:, manifest:; see big_clip/data/files.py):
       split="train",  # manifest split; tfds split when the source names none
       data_dir="",  # tfds data_dir ('' = tfds's default)
       text_language="en",  # language of plain-text captions (.txt, tfds text/labels)
@@ -171,18 +176,39 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1, multihost="auto")
   c.checkpoint = dict(every_steps=500, keep=3, use_async=True)
   c.eval = dict(every_steps=500, zeroshot_tasks=("colour", "shape"), num_images=600,
-                batch_size=200,
-                long_caption_images=0)  # >0: image <-> long-caption retrieval on that many
+                batch_size=200)
   # What the eval Suite runs (in training every eval.every_steps, and in
   # `python -m big_clip.evaluate`): spec strings, grammar in big_clip/evals/specs.py, e.g.
-  # 'zeroshot:tfds:cifar10:test,classnames=FILE', 'retrieval:manifest:PATH:test'. The bare
-  # 'zeroshot:embedded' runs eval.zeroshot_tasks when training on the embedded data.
+  # 'zeroshot:tfds:cifar10:test,classnames=FILE', 'retrieval:manifest:PATH:test',
+  # 'long_captions:embedded,limit=200'. The bare 'zeroshot:embedded' runs
+  # eval.zeroshot_tasks when training on the embedded data.
   c.evals = ("zeroshot:embedded",)
   c.lock()  # no new keys: a misspelled key in a recipe fails where it is written
   for key in FREE_MAPPINGS:  # ...except inside free mappings (language -> weight)
     section, name = key.rsplit(".", 1)
     c[section][name].unlock()
   return c
+
+
+def load_json(path: str, *, check: bool = True) -> ml_collections.ConfigDict:
+  """A run's `config.json` (written at the start of training) merged into the schema: keys
+  added to the schema since that run take their defaults. `check=False` skips validation,
+  for readers that need only some sections (a teacher's or warm start's `model`)."""
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path} not found: is its folder a big_clip workdir (made by "
+                            "python -m big_clip.train)?") from None
+  config = base()
+  config.update(values)
+  for key in FREE_MAPPINGS:  # a mapping is the run's own, not merged into the default's
+    section, name = key.rsplit(".", 1)
+    if name in values.get(section, {}):
+      config[section][name] = ml_collections.ConfigDict(values[section][name])
+  if check:
+    validate(config)
+  return config
 
 
 def shrink_for_local(c: ml_collections.ConfigDict) -> None:
@@ -253,11 +279,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from and not config.init_from.startswith(INIT_PREFIXES):
     raise ConfigError(f"config.init_from={config.init_from!r}; allowed: '' or "
                       f"{', '.join(p + 'PATH' for p in INIT_PREFIXES)}.")
-  for spec in config.evals:  # syntax only; files are read when the evals are built
-    try:
-      eval_specs.parse(spec)
-    except eval_specs.SpecError as e:
-      raise ConfigError(f"config.evals: {e}") from e
+  # config.evals: each spec is parsed by big_clip.evals.validate (the evaluators know their
+  # grammar), which the binaries run right after this.
   _validate_consistency(config)
 
 
@@ -341,20 +364,18 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_long_captions(c: ml_collections.ConfigDict) -> None:
-  """Long-CLIP, long-caption data and distillation keys (issue 8)."""
+  """Long-CLIP, long-caption data and distillation keys."""
   def need(cond: bool, msg: str) -> None:
     if not cond:
       raise ConfigError(msg)
 
   need(0.0 <= c.data.long_captions <= 1.0,
        f"config.data.long_captions={c.data.long_captions} is a share; use a value in [0, 1].")
-  if c.data.long_captions > 0 or c.eval.long_caption_images > 0:
-    need(c.data.source == "embedded", "config.data.long_captions / "
-         "config.eval.long_caption_images need config.data.source='embedded'.")
+  if c.data.long_captions > 0:
+    need(c.data.source == "embedded", "config.data.long_captions needs "
+         "config.data.source='embedded'.")
     need(set(c.data.languages) == {"en"}, "The embedded long captions are English only; set "
-         "config.data.languages={'en': 1.0} with config.data.long_captions or "
-         "config.eval.long_caption_images.")
-  need(c.eval.long_caption_images >= 0, "config.eval.long_caption_images must be >= 0.")
+         "config.data.languages={'en': 1.0} with config.data.long_captions.")
   lc = c.loss.long_clip
   if lc.enabled:
     need(c.data.long_captions > 0, "config.loss.long_clip.enabled needs long captions: set "
@@ -377,7 +398,7 @@ def _validate_long_captions(c: ml_collections.ConfigDict) -> None:
 def validate_llm(llm: ml_collections.ConfigDict) -> None:
   """config.model.text.llm: LoRA / adapter sizes and targets, cache needs a frozen LLM."""
   key = "config.model.text.llm"
-  targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  targets = LORA_TARGETS
   bad = [t for t in llm.lora_targets if t not in targets]
   if bad:
     raise ConfigError(f"{key}.lora_targets has {bad}; allowed: {', '.join(targets)}.")

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from big_clip.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch is split over every data-parallel axis; FSDP is data parallelism whose
@@ -50,7 +54,7 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """The requested mesh does not fit the devices."""
 
 
@@ -90,6 +94,11 @@ def make_mesh(requested: Mapping[str, int], devices: Sequence[jax.Device] | None
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
               axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(mesh_cfg: Mapping[str, Any]) -> Mesh:
+  """The mesh of `config.mesh` over all devices."""
+  return make_mesh({a: mesh_cfg[a] for a in MESH_AXES})
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -195,3 +204,42 @@ def place_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, j
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in host_batch.items()}
+
+
+def place_like(params: Any, like: Any) -> Any:
+  """Host NumPy `params` as global arrays with the shardings of `like` (any process count:
+  each process reads the file and provides its own shards)."""
+  return jax.tree.map(
+      lambda p, l: jax.make_array_from_callback(l.shape, l.sharding, lambda idx: p[idx]),
+      params, like)
+
+
+def embed_batched(fn: Callable, params: Any, inputs: Any, mesh: Mesh, batch_size: int, *,
+                  preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+                  desc: str | None = None) -> np.ndarray:
+  """Applies a jitted `fn(params, x)` over `inputs` in sharded batches; numpy [N, D] out.
+
+  `inputs` is anything with `len()` that takes an int index array (a numpy array, or a
+  lazy `evals.datasets.ImageSet`): each process reads only its rows of each batch. The last
+  batch is padded by repeating the last row (one batch shape, one compilation) and the
+  padding is dropped. Every process gets the whole result. `desc` shows a progress bar on a
+  terminal.
+  """
+  dp = data_parallel_size(mesh)
+  n = len(inputs)
+  per_device = -(-n // dp)  # a small set: the next power of two per device (few compiles)
+  batch_size = dp * min(max(1, batch_size // dp), 1 << (per_device - 1).bit_length())
+  pc, pi = jax.process_count(), jax.process_index()
+  starts = range(0, n, batch_size)
+  if len(starts) > 2 and pi == 0 and desc:
+    starts = tqdm(starts, desc=desc, unit="batch", leave=False, disable=None)  # None: TTY only
+  outs = []
+  for start in starts:
+    index = np.minimum(np.arange(start, start + batch_size), n - 1)
+    local = inputs[index.reshape(pc, -1)[pi]]
+    if preprocess is not None:
+      local = preprocess(local)
+    x = jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+    out = multihost_utils.process_allgather(fn(params, x), tiled=True)
+    outs.append(np.asarray(out)[:min(batch_size, n - start)])
+  return np.concatenate(outs)

@@ -16,6 +16,9 @@ the TPU environment):
 from big_clip import config as config_lib
 
 
+ARGS = ("local",)  # what get_config(arg) takes besides None
+
+
 def get_config(arg: str | None = None):
   c = config_lib.base()
   c.seed = 0
@@ -46,5 +49,5 @@ def get_config(arg: str | None = None):
   if arg == "local":
     config_lib.shrink_for_local(c)
   elif arg:
-    raise ValueError(f"configs/clip_vit_b32.py: unknown argument {arg!r}; allowed: local.")
+    raise ValueError(f"configs/clip_vit_b32.py: unknown argument {arg!r}; allowed: {', '.join(ARGS)}.")
   return c

@@ -15,6 +15,9 @@ from big_clip import config as config_lib
 LANGUAGES = ("en", "de", "fr", "es", "ru", "zh", "ja", "ar", "hi")
 
 
+ARGS = ("quick",)  # what get_config(arg) takes besides None
+
+
 def get_config(arg: str | None = None):
   c = config_lib.base()
   c.seed = 0
@@ -45,5 +48,5 @@ def get_config(arg: str | None = None):
     c.checkpoint.every_steps = 100
     c.eval.update(every_steps=200, num_images=300)
   elif arg:
-    raise ValueError(f"configs/default.py: unknown argument {arg!r}; allowed: quick.")
+    raise ValueError(f"configs/default.py: unknown argument {arg!r}; allowed: {', '.join(ARGS)}.")
   return c

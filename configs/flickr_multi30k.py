@@ -45,6 +45,9 @@ def manifest_path() -> str:
   return path
 
 
+ARGS = ("local",)  # what get_config(arg) takes besides None
+
+
 def get_config(arg: str | None = None):
   c = config_lib.base()
   c.seed = 0
@@ -84,5 +87,5 @@ def get_config(arg: str | None = None):
     c.data.global_batch = 16
     c.checkpoint.every_steps = 20
   elif arg:
-    raise ValueError(f"configs/flickr_multi30k.py: unknown argument {arg!r}; allowed: local.")
+    raise ValueError(f"configs/flickr_multi30k.py: unknown argument {arg!r}; allowed: {', '.join(ARGS)}.")
   return c

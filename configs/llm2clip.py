@@ -38,6 +38,9 @@ numbers checked by tests/test_llm.py::test_memory_plan_of_the_8b_recipe):
 from big_clip import config as config_lib
 
 
+ARGS = ("local",)  # what get_config(arg) takes besides None
+
+
 def get_config(arg: str | None = None):
   c = config_lib.base()
   c.seed = 0
@@ -75,5 +78,5 @@ def get_config(arg: str | None = None):
                             lora_rank=4, lora_targets=("q_proj", "v_proj", "up_proj"),
                             kv_heads=2)
   elif arg:
-    raise ValueError(f"configs/llm2clip.py: unknown argument {arg!r}; allowed: local.")
+    raise ValueError(f"configs/llm2clip.py: unknown argument {arg!r}; allowed: {', '.join(ARGS)}.")
   return c

@@ -51,8 +51,8 @@ def _embedded(c, *, max_len: int, long_captions: float, steps: int, lr: float) -
   c.optim.update(lr=lr, warmup_steps=min(50, steps // 5), weight_decay=0.1)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   c.checkpoint.update(every_steps=steps, keep=1)
-  c.eval.update(every_steps=steps, zeroshot_tasks=("colour", "shape"), num_images=200,
-                long_caption_images=200)
+  c.eval.update(every_steps=steps, zeroshot_tasks=("colour", "shape"), num_images=200)
+  c.evals = ("zeroshot:embedded", "long_captions:embedded,limit=200")
 
 
 def get_config(arg: str | None = None):
@@ -97,7 +97,8 @@ def get_config(arg: str | None = None):
     c.model.text.max_len = c.data.max_len = 248
     c.data.update(languages={"en": 1.0}, long_captions=1.0)
     c.loss.long_clip.update(enabled=True, num_components=4)
-    c.eval.update(long_caption_images=16, num_images=16)
+    c.eval.update(num_images=16)
+    c.evals = ("zeroshot:embedded", "long_captions:embedded,limit=16")
   elif arg:
     raise ValueError(f"configs/longclip_finetune.py: unknown argument {arg!r}; allowed: "
                      f"{', '.join(ARGS)}.")

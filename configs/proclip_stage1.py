@@ -11,7 +11,7 @@ here, not copied from the papers.
 What is and is not ProCLIP here: the teacher is any big_clip run ('big_clip:WORKDIR[:STEP]',
 trained here or imported), run batch by batch on the host; the student is a whole big_clip
 dual encoder trained end to end. ProCLIP's student is an LLM embedder with a frozen CLIP
-image tower; with the LLM text tower (`model.text.kind='llm'`, issue 8) the teacher's
+image tower; with the LLM text tower (`model.text.kind='llm'`) the teacher's
 embeddings should come from the embedding cache and the image tower be frozen -- not wired
 up on this branch.
 
@@ -27,6 +27,9 @@ On CPU, distilling the embedded default run into a fresh student of the same siz
 """
 
 from big_clip import config as config_lib
+
+
+ARGS = ("local",)  # what get_config(arg) takes besides None
 
 
 def get_config(arg: str | None = None):
@@ -71,5 +74,5 @@ def get_config(arg: str | None = None):
     c.checkpoint.update(every_steps=100, keep=1)
     c.eval.update(every_steps=200, num_images=300)
   elif arg:
-    raise ValueError(f"configs/proclip_stage1.py: unknown argument {arg!r}; allowed: local.")
+    raise ValueError(f"configs/proclip_stage1.py: unknown argument {arg!r}; allowed: {', '.join(ARGS)}.")
   return c

@@ -18,6 +18,9 @@ import math
 from big_clip import config as config_lib
 
 
+ARGS = ("local",)  # what get_config(arg) takes besides None
+
+
 def get_config(arg: str | None = None):
   c = config_lib.base()
   c.seed = 0
@@ -49,5 +52,5 @@ def get_config(arg: str | None = None):
   if arg == "local":
     config_lib.shrink_for_local(c)
   elif arg:
-    raise ValueError(f"configs/siglip_vit_b16.py: unknown argument {arg!r}; allowed: local.")
+    raise ValueError(f"configs/siglip_vit_b16.py: unknown argument {arg!r}; allowed: {', '.join(ARGS)}.")
   return c

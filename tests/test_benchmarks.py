@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from benchmarks import flops, train_step
-from big_clip import losses, train
+from big_clip import losses
+from big_clip.models import two_tower
 
 
 def tiny_config():
@@ -42,7 +43,7 @@ def jaxpr_matmul_flops(jaxpr) -> int:
 
 def test_analytic_flops_equal_the_matmuls_xla_traces():
   c = tiny_config()
-  model = train.init_fn(c)()
+  model = two_tower.init_fn(c.model, c.seed)()
   images = jnp.zeros((4, 32, 32, 3), jnp.float32)
   tokens = jnp.full((4, 12), 5, jnp.int32).at[:, -1].set(c.model.text.eos_id)
 
@@ -60,7 +61,7 @@ def test_torch_peer_is_the_same_size_as_our_model():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   c = tiny_config()
-  ours = sum(x.size for x in jax.tree.leaves(nnx.state(train.init_fn(c)(), nnx.Param)))
+  ours = sum(x.size for x in jax.tree.leaves(nnx.state(two_tower.init_fn(c.model, c.seed)(), nnx.Param)))
   theirs = sum(p.numel() for p in
                transformers.CLIPModel(train_step.hf_clip_config(c.model)).parameters())
   train_step.check_same_size(ours, theirs)  # raises if they differ

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from big_clip import config as config_lib
+from big_clip.evals import suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -28,14 +29,33 @@ def test_there_are_recipes():
   assert {"default.py", "clip_vit_b32.py", "siglip_vit_b16.py"} <= names
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_every_config_in_configs_builds_and_validates(path):
-  config = load(path)
+def recipe_args(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.ARGS
+
+
+RECIPES = [(path, arg) for path in CONFIG_FILES for arg in (None, *recipe_args(path))]
+
+
+@pytest.mark.parametrize("path, arg", RECIPES,
+                         ids=[f"{os.path.basename(p)}:{a or ''}" for p, a in RECIPES])
+def test_every_recipe_and_argument_builds_and_validates(path, arg):
+  config = load(path, arg)
   config_lib.validate(config)
+  suite.validate(config.evals)
   assert config.model.image.image_size == config.data.image_size
   # The docstring carries the launch command.
   with open(path) as f:
     assert "python -m big_clip.train --config" in f.read()
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_an_unknown_recipe_argument_names_the_allowed_ones(path):
+  with pytest.raises(ValueError, match="unknown argument 'nope'; allowed: "
+                     + ", ".join(recipe_args(path))):
+    load(path, "nope")
 
 
 def test_pod_recipes_have_the_advertised_sizes():
@@ -122,6 +142,20 @@ def test_command_line_override_of_unknown_key_is_an_error():
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "lrr" in out.stderr
+
+
+def test_a_user_error_is_one_line_and_a_traceback_only_when_asked(tmp_path):
+  cmd = [sys.executable, "-m", "big_clip.train", "--config", "configs/default.py:quick",
+         "--workdir", str(tmp_path), "--config.data.image_size=48"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr
+  errors = [l for l in out.stderr.splitlines() if l.startswith("big_clip.train: error: ")]
+  assert len(errors) == 1 and "config.data.image_size=48" in errors[0], out.stderr[-2000:]
+  verbose = subprocess.run(cmd + ["--verbose_errors"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+  assert "ConfigError" in verbose.stderr
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_clip.data import pipeline, sources, tokenizers
+from big_clip import config as config_lib
+from big_clip.data import pipeline, embedded, tokenizers
 
 SIZE = 64
 SATURATED = 60  # max - min over RGB: objects are > 120, the grey background < 15
@@ -44,7 +45,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def examples():
-  return [sources.render_example(7, "train", i, SIZE) for i in range(150)]
+  return [embedded.render_example(7, "train", i, SIZE) for i in range(150)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,8 +55,8 @@ def test_dominant_object_colour_is_the_labelled_colour(examples):
   for image, attrs in examples:
     mask = _object_mask(image)
     mean_rgb = image[mask].astype(np.float32).mean(0)
-    nearest = np.argmin(((sources.PALETTE - mean_rgb) ** 2).sum(-1))
-    assert nearest == attrs["colour"], sources.attribute_names(attrs)
+    nearest = np.argmin(((embedded.PALETTE - mean_rgb) ** 2).sum(-1))
+    assert nearest == attrs["colour"], embedded.attribute_names(attrs)
 
 
 def test_background_is_unsaturated_grey(examples):
@@ -79,7 +80,7 @@ def test_every_object_has_a_dark_outline(examples):
 
 def test_number_of_connected_objects_equals_count(examples):
   for image, attrs in examples:
-    assert len(_components(_object_mask(image))) == attrs["count"], sources.attribute_names(attrs)
+    assert len(_components(_object_mask(image))) == attrs["count"], embedded.attribute_names(attrs)
 
 
 def test_single_object_centroid_is_on_the_labelled_side(examples):
@@ -94,7 +95,7 @@ def test_single_object_centroid_is_on_the_labelled_side(examples):
                 "top": dy < -side and abs(dy) > abs(dx),
                 "bottom": dy > side and abs(dy) > abs(dx),
                 "centre": abs(dx) < side and abs(dy) < side}
-    assert expected[sources.POSITIONS[attrs["position"]]], (sources.attribute_names(attrs), dy, dx)
+    assert expected[embedded.POSITIONS[attrs["position"]]], (embedded.attribute_names(attrs), dy, dx)
 
 
 def test_large_objects_have_more_pixels_than_small_ones_of_the_same_shape(examples):
@@ -102,9 +103,9 @@ def test_large_objects_have_more_pixels_than_small_ones_of_the_same_shape(exampl
   for image, attrs in examples:
     per_object = _object_mask(image).sum() / attrs["count"]
     pixels.setdefault((attrs["shape"], attrs["size"]), []).append(per_object)
-  for shape in range(len(sources.SHAPES)):
+  for shape in range(len(embedded.SHAPES)):
     small, large = pixels[(shape, 0)], pixels[(shape, 1)]
-    assert max(small) * 1.5 < min(large), sources.SHAPES[shape]
+    assert max(small) * 1.5 < min(large), embedded.SHAPES[shape]
 
 
 def test_all_shapes_of_one_size_cover_the_same_area(examples):
@@ -112,7 +113,7 @@ def test_all_shapes_of_one_size_cover_the_same_area(examples):
   # a small CLIP took instead of learning outlines.
   for size in (0, 1):
     means = []
-    for shape in range(len(sources.SHAPES)):
+    for shape in range(len(embedded.SHAPES)):
       areas = [_object_mask(im).sum() / a["count"] for im, a in examples
                if a["shape"] == shape and a["size"] == size]
       means.append(np.mean(areas))
@@ -135,7 +136,7 @@ def test_shape_outline_matches_the_labelled_shape(examples):
       rows = [ys.min() + round(height * q) for q in (0.25, 0.75)]
       measured = np.array([(ys == row).sum() / width for row in rows])
       distances = [np.abs(measured - np.array(signature[n])).max() for n in names]
-      assert names[int(np.argmin(distances))] == sources.SHAPES[attrs["shape"]], measured
+      assert names[int(np.argmin(distances))] == embedded.SHAPES[attrs["shape"]], measured
       checked += 1
   assert checked > 50
 
@@ -144,7 +145,7 @@ def test_shape_outline_matches_the_labelled_shape(examples):
 # Determinism.
 # ---------------------------------------------------------------------------------------
 def test_same_seed_split_and_index_give_the_same_example_and_caption():
-  langs, cumulative = pipeline.language_weights({lang: 1.0 for lang in sources.EMBEDDED_LANGUAGES})
+  langs, cumulative = pipeline.language_cdf({lang: 1.0 for lang in embedded.EMBEDDED_LANGUAGES})
   first = pipeline.example(3, 11, SIZE, langs, cumulative)
   again = pipeline.example(3, 11, SIZE, langs, cumulative)
   np.testing.assert_array_equal(first[0], again[0])
@@ -155,11 +156,11 @@ def test_same_seed_split_and_index_give_the_same_example_and_caption():
 
 def test_splits_hold_different_images():
   for index in range(5):
-    train, _ = sources.render_example(0, "train", index, SIZE)
-    test, _ = sources.render_example(0, "test", index, SIZE)
+    train, _ = embedded.render_example(0, "train", index, SIZE)
+    test, _ = embedded.render_example(0, "test", index, SIZE)
     assert not np.array_equal(train, test)
   with pytest.raises(ValueError, match="Unknown split"):
-    sources.render_example(0, "dev", 0, SIZE)
+    embedded.render_example(0, "dev", 0, SIZE)
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,13 +173,13 @@ _SCRIPTS = {"en": ("LATIN",), "de": ("LATIN",), "fr": ("LATIN",), "es": ("LATIN"
 
 def _captions(lang: str, n: int, seed: int = 0) -> list[str]:
   rng = np.random.default_rng(seed)
-  return [sources.caption(sources.random_attrs(rng), lang, rng) for _ in range(n)]
+  return [embedded.caption(embedded.random_attrs(rng), lang, rng) for _ in range(n)]
 
 
 def test_at_least_eight_languages_and_three_non_latin_scripts():
-  assert set(_SCRIPTS) == set(sources.EMBEDDED_LANGUAGES)
+  assert set(_SCRIPTS) == set(embedded.EMBEDDED_LANGUAGES)
   non_latin = {s for scripts in _SCRIPTS.values() for s in scripts} - {"LATIN"}
-  assert len(sources.EMBEDDED_LANGUAGES) >= 8 and len(non_latin) >= 3
+  assert len(embedded.EMBEDDED_LANGUAGES) >= 8 and len(non_latin) >= 3
 
 
 @pytest.mark.parametrize("lang", sorted(_SCRIPTS))
@@ -216,32 +217,32 @@ def test_captions_agree_in_gender_number_and_case():
       (one, "hi", "बाईं ओर एक बड़ा नारंगी क्रॉस है।"),
   ]
   for attrs, lang, text in expected:
-    options = sources.all_captions(attrs, lang)
+    options = embedded.all_captions(attrs, lang)
     assert text in options, (lang, text, options)
 
 
 @pytest.mark.parametrize("lang", sorted(_SCRIPTS))
 def test_zeroshot_classnames_appear_in_the_training_captions(lang):
   corpus = " ".join(_captions(lang, 3000)).lower()
-  for task in sources.ZEROSHOT_TASKS:
-    names = sources.zeroshot_classnames(task, lang)
-    assert len(names) == len(sources.COLOURS if task == "colour" else sources.SHAPES)
+  for task in embedded.ZEROSHOT_TASKS:
+    names = embedded.zeroshot_classnames(task, lang)
+    assert len(names) == len(embedded.COLOURS if task == "colour" else embedded.SHAPES)
     assert len(set(names)) == len(names)
     for name in names:
       assert name.lower() in corpus, (task, name)
-    for template in sources.zeroshot_templates(task, lang):
+    for template in embedded.zeroshot_templates(task, lang):
       assert template.count("{c}") == 1, template
 
 
 def test_zeroshot_set_comes_from_the_test_split():
-  images, labels = sources.zeroshot_set("shape", 12, seed=5, image_size=SIZE)
+  images, labels = embedded.zeroshot_set("shape", 12, seed=5, image_size=SIZE)
   assert images.shape == (12, SIZE, SIZE, 3) and images.dtype == np.uint8
-  assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < len(sources.SHAPES)
-  test_image, test_attrs = sources.render_example(5, "test", 3, SIZE)
+  assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < len(embedded.SHAPES)
+  test_image, test_attrs = embedded.render_example(5, "test", 3, SIZE)
   np.testing.assert_array_equal(images[3], test_image)
   assert labels[3] == test_attrs["shape"]
   with pytest.raises(ValueError, match="config.eval.zeroshot_tasks"):
-    sources.zeroshot_classnames("size", "en")
+    embedded.zeroshot_classnames("size", "en")
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,27 +251,27 @@ def test_zeroshot_set_comes_from_the_test_split():
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory):
   path = tmp_path_factory.mktemp("spm") / "spm.model"
-  return tokenizers.train_spm(sources.caption_corpus(3000, seed=0), str(path), vocab_size=1000)
+  return tokenizers.train_spm(embedded.sample_captions(3000, seed=0), str(path), vocab_size=1000)
 
 
 def test_round_trip_in_every_language_without_unknown_pieces(spm_path):
   tok = tokenizers.SpmTokenizer(spm_path, max_len=64)
-  for lang in sources.EMBEDDED_LANGUAGES:
+  for lang in embedded.EMBEDDED_LANGUAGES:
     text = _captions(lang, 1, seed=1)[0]
     ids = tok.encode([text])[0]
-    assert tokenizers.UNK_ID not in ids
+    assert tokenizers.SPM_UNK_ID not in ids
     # NFKC normalization folds e.g. the full-width comma; the rest comes back unchanged.
     assert tok.decode(ids) == unicodedata.normalize("NFKC", text)
   unseen = "龘🦜"  # never in the corpus: spelled by byte fallback, still no <unk>
   ids = tok.encode([unseen])[0]
-  assert tokenizers.UNK_ID not in ids and tok.decode(ids) == unseen
+  assert tokenizers.SPM_UNK_ID not in ids and tok.decode(ids) == unseen
 
 
 def test_captions_of_every_language_fit_in_32_tokens_uncut(spm_path):
   # The word-shuffled corpus copies make words pieces; without them Hindi captions were
   # spelled letter by letter and cut at 32 tokens, losing the shape word at the end.
   tok = tokenizers.SpmTokenizer(spm_path, max_len=64)
-  for lang in sources.EMBEDDED_LANGUAGES:
+  for lang in embedded.EMBEDDED_LANGUAGES:
     lengths = (tok.encode(_captions(lang, 300)) != 0).sum(1)
     assert lengths.max() <= 28, lang
 
@@ -295,7 +296,7 @@ def test_missing_model_names_the_path_and_the_config_key(tmp_path):
 
 
 def test_vocab_too_small_is_a_clear_error_and_too_large_is_clamped(tmp_path):
-  corpus = sources.caption_corpus(300, seed=0)
+  corpus = embedded.sample_captions(300, seed=0)
   with pytest.raises(ValueError, match="config.data.tokenizer.vocab_size"):
     tokenizers.train_spm(corpus, str(tmp_path / "small.model"), vocab_size=100)
   path = tokenizers.train_spm(corpus, str(tmp_path / "large.model"), vocab_size=100_000)
@@ -308,7 +309,7 @@ def test_get_or_train_caches_the_model_in_the_workdir(tmp_path):
 
   def corpus():
     calls.append(1)
-    return sources.caption_corpus(300, seed=0)
+    return embedded.sample_captions(300, seed=0)
 
   cfg = ml_collections.ConfigDict({"path": "", "vocab_size": 800})
   first = tokenizers.get_or_train(cfg, str(tmp_path), corpus, max_len=16)
@@ -329,7 +330,9 @@ def _data_cfg(**overrides) -> ml_collections.ConfigDict:
              languages={"en": 1.0, "zh": 1.0, "ar": 2.0, "hi": 0.5},
              mean=pipeline.CLIP_MEAN, std=pipeline.CLIP_STD)
   cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+  data = config_lib.base().data  # every key of the schema, then the test's values
+  data.update(cfg)
+  return data
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +350,7 @@ def test_batch_has_the_promised_shapes_and_normalization(tok):
   it.close()
   assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
   assert batch["text"].shape == (8, 24) and batch["text"].dtype == np.int32
-  image, _, _ = pipeline.example(0, 0, SIZE, *pipeline.language_weights(_data_cfg().languages))
+  image, _, _ = pipeline.example(0, 0, SIZE, *pipeline.language_cdf(_data_cfg().languages))
   expected = (image / 255.0 - np.array(pipeline.CLIP_MEAN)) / np.array(pipeline.CLIP_STD)
   np.testing.assert_allclose(batch["image"][0], expected, atol=1e-5)
 
@@ -380,7 +383,7 @@ def test_two_hosts_together_see_exactly_the_single_host_batch(tok):
 
 
 def test_language_weights_are_respected(tok):
-  langs, cumulative = pipeline.language_weights({"en": 1.0, "ru": 3.0, "ja": 0.0})
+  langs, cumulative = pipeline.language_cdf({"en": 1.0, "ru": 3.0, "ja": 0.0})
   picked = [pipeline.example(0, i, 16, langs, cumulative)[1] for i in range(400)]
   assert "ja" not in picked
   assert 0.65 < picked.count("ru") / len(picked) < 0.85

@@ -18,7 +18,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from big_clip import config as config_lib
-from big_clip.data import loader, pipeline, shards, tokenizers
+from big_clip.data import files, pipeline, shards, tokenizers
+from big_clip.data import languages as languages_lib
 
 SIZE = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,9 +314,9 @@ def test_a_source_with_nothing_usable_is_an_error_naming_it(tmp_path):
     _add(tar, "a.jpg", b"")
     _add(tar, "a.txt", b"caption")
   it = _iterator(f"shards:{tmp_path}/bad.tar")
-  with pytest.raises(loader.SourceError, match=r"bad.tar.*no usable example.*empty_image"):
+  with pytest.raises(files.SourceError, match=r"bad.tar.*no usable example.*empty_image"):
     next(it)
-  with pytest.raises(loader.SourceError, match="matches no file"):
+  with pytest.raises(files.SourceError, match="matches no file"):
     _iterator(f"shards:{tmp_path}/nothing-*.tar")
 
 
@@ -323,14 +324,14 @@ def test_a_source_with_nothing_usable_is_an_error_naming_it(tmp_path):
 # Caption sampling.
 # ---------------------------------------------------------------------------------------
 def test_language_weights_are_respected_and_missing_languages_renormalised():
-  languages, weights = loader.language_table({"en": 1.0, "de": 3.0, "zh": 2.0, "fr": 0.0})
+  languages, weights = languages_lib.language_table({"en": 1.0, "de": 3.0, "zh": 2.0, "fr": 0.0})
   assert languages == ("de", "en", "zh")
   full = {"en": ["e"], "de": ["d"], "zh": ["z"], "fr": ["f"]}
   no_zh = {"en": ["e"], "de": ["d"], "zh": []}
   n = 3000
   for captions, expected in ((full, {"e": 1 / 6, "d": 3 / 6, "z": 2 / 6}),
                              (no_zh, {"e": 1 / 4, "d": 3 / 4})):
-    picks = [loader.choose_caption(captions, languages, weights,
+    picks = [files.choose_caption(captions, languages, weights,
                                    np.random.default_rng([0, k]))[1] for k in range(n)]
     counts = np.array([picks.count(c) for c in expected])
     want = n * np.array(list(expected.values()))
@@ -339,9 +340,9 @@ def test_language_weights_are_respected_and_missing_languages_renormalised():
 
 
 def test_caption_is_uniform_among_the_chosen_languages_captions():
-  languages, weights = loader.language_table({"en": 1.0})
+  languages, weights = languages_lib.language_table({"en": 1.0})
   captions = {"en": ["a", "b", "c", "d"], "de": ["x"]}
-  picks = [loader.choose_caption(captions, languages, weights,
+  picks = [files.choose_caption(captions, languages, weights,
                                  np.random.default_rng([1, k]))[1] for k in range(2000)]
   counts = np.array([picks.count(c) for c in "abcd"])
   assert ((counts - 500) ** 2 / 500).sum() < 16.3  # chi-square, 3 dof, p = 0.001
@@ -454,7 +455,7 @@ def test_sentencepiece_round_trips_non_latin_scripts(tmp_path):
            "猫在睡觉"]  # the last one has characters the model never saw: byte fallback
   ids = tok.encode(texts)
   assert tok.decode(ids) == texts
-  assert (ids != tokenizers.UNK_ID).all()
+  assert (ids != tokenizers.SPM_UNK_ID).all()
 
 
 def test_hugging_face_tokenizer_json_encodes_with_its_own_ids(tmp_path):

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from big_clip import config as config_lib
-from big_clip import evaluate, sharding
-from big_clip.evals import datasets, labels, metrics, specs
+from big_clip import sharding
+from big_clip.evals import datasets, labels, metrics, specs, suite
+from big_clip.evals import zeroshot as zeroshot_lib
+from big_clip.evals import towers as towers_lib
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def linear_towers(mesh, table_seed=0, dim=6, vocab=50):
     e = x.mean(axis=(1, 2)) @ p["rgb"]
     return e / jax.numpy.linalg.norm(e, axis=-1, keepdims=True)
 
-  towers = evaluate.Towers(jax.jit(image_fn), jax.jit(text_fn), mesh, WordTokenizer(vocab),
+  towers = towers_lib.Towers(jax.jit(image_fn), jax.jit(text_fn), mesh, WordTokenizer(vocab),
                            batch_size=16, image_size=8, mean=(0.0, 0.0, 0.0),
                            std=(1.0, 1.0, 1.0))
   return towers, params
@@ -178,7 +180,7 @@ def test_class_embeddings_on_8_devices_with_a_padded_last_batch_match_numpy(mesh
   towers, params = linear_towers(mesh)
   rng = np.random.default_rng(3)
   tokens = rng.integers(1, 50, size=(11 * 3, 8)).astype(np.int32)  # 11 classes x 3 prompts
-  got = evaluate.class_embeddings(towers, params, tokens, 11)  # batches 16 + 16 + 1 (padded)
+  got = towers_lib.class_embeddings(towers, params, tokens, 11)  # batches 16 + 16 + 1 (padded)
   want = ref_ensemble(ref_text(params, tokens).reshape(11, 3, -1))
   np.testing.assert_allclose(got, want, atol=2e-6)
 
@@ -194,7 +196,7 @@ def test_embed_batched_reads_only_the_rows_it_needs_and_drops_padding(mesh):
       reads.append(np.asarray(index).copy())
       return np.asarray(index, np.float32)[:, None] * np.ones((1, 4), np.float32)
 
-  out = evaluate.embed_batched(jax.jit(lambda p, x: x * 2), None, Rows(), mesh, 8)
+  out = sharding.embed_batched(jax.jit(lambda p, x: x * 2), None, Rows(), mesh, 8)
   np.testing.assert_array_equal(out[:, 0], 2 * np.arange(21))
   # 3 batches of 8: the last one repeats row 20 as padding.
   assert np.concatenate(reads).tolist() == list(range(21)) + [20, 20, 20]
@@ -234,7 +236,7 @@ def labelled_manifest(tmp_path):
 
 def zeroshot(spec_text, mesh, seed=0):
   towers, params = linear_towers(mesh, seed)
-  return evaluate.ZeroShot(specs.parse(spec_text), config_lib.base(), towers, "toy"), params
+  return zeroshot_lib.Evaluator(specs.parse(spec_text), config_lib.base(), towers, "toy"), params
 
 
 def test_babel_protocol_scores_each_language_on_its_own_classes(tmp_path, labelled_manifest,
@@ -418,7 +420,7 @@ def test_bad_spec_strings_are_config_errors(text, error):
   config = config_lib.base()
   config.evals = (text,)
   with pytest.raises(config_lib.ConfigError, match=f"config.evals: .*{error}"):
-    config_lib.validate(config)
+    suite.validate(config.evals)
 
 
 def test_shipped_label_files_are_well_formed():

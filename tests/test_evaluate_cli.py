@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 from big_clip import checkpoints, evaluate, sharding, train
-from big_clip.data import manifest, pipeline, sources, tokenizers
+from big_clip.evals import suite
+from big_clip.models import two_tower
+from big_clip.data import manifest, pipeline, embedded, tokenizers
 
 from test_evaluate import ref_classification, ref_ensemble, ref_retrieval
 
@@ -48,13 +50,13 @@ def trained(tmp_path_factory):
   compiled: the eval binary is under test, and CI time is shared)."""
   tmp = tmp_path_factory.mktemp("evalcli")
   spm = str(tmp / "spm.model")
-  tokenizers.train_spm(sources.caption_corpus(n=2000, seed=0), spm, vocab_size=1024)
+  tokenizers.train_spm(embedded.sample_captions(n=2000, seed=0), spm, vocab_size=1024)
   path = str(tmp / "tiny_eval.py")
   with open(path, "w") as f:
     f.write(CONFIG.format(path=path, spm=spm))
   config = _load(path)
   workdir = str(tmp / "work")
-  params = nnx.to_pure_dict(nnx.state(train.init_fn(config)()))
+  params = nnx.to_pure_dict(nnx.state(two_tower.init_fn(config.model, config.seed)()))
   mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), keep=1, use_async=False)
   checkpoints.save(mngr, 1, {"params": params}, {"next_example": 0})
   mngr.wait_until_finished()
@@ -74,7 +76,7 @@ def _load(path):
 def unsharded_model(config, workdir):
   """The step-1 model on one device, params as numpy (an evaluation without the suite)."""
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  graphdef, abs_params, shardings = train.abstract_params(config, mesh)
+  graphdef, abs_params, shardings = two_tower.abstract_params(config.model, mesh)
   abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abs_params, shardings)
   mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), keep=2, use_async=False)
@@ -123,10 +125,10 @@ def test_cli_writes_clip_benchmark_lines_equal_to_an_unsharded_evaluation(traine
     if r["language"] == "mean":
       continue
     task, lang = r["dataset"].split("_")[1], r["language"]
-    images, labels_ = sources.zeroshot_set(task, 40, seed=0, image_size=32)
+    images, labels_ = embedded.zeroshot_set(task, 40, seed=0, image_size=32)
     img = to64(model.encode_image(pipeline.normalize(images)))
-    names = sources.zeroshot_classnames(task, lang)
-    templates = sources.zeroshot_templates(task, lang)
+    names = embedded.zeroshot_classnames(task, lang)
+    templates = embedded.zeroshot_templates(task, lang)
     prompts = [t.replace("{c}", c) for c in names for t in templates]
     txt = to64(model.encode_text(tok.encode(prompts))).reshape(len(names), len(templates), -1)
     want = ref_classification(img @ ref_ensemble(txt).T, labels_)
@@ -143,7 +145,7 @@ def test_retrieval_on_the_flickr_test_split_equals_an_unsharded_float64_evaluati
   model, params, graphdef = unsharded_model(config, workdir)
   tok = tokenizers.SpmTokenizer(config.data.tokenizer.path, config.data.max_len)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  suite = evaluate.Suite(config, tok, graphdef, mesh, "tiny",
+  suite = suite.Suite(config, tok, graphdef, mesh, "tiny",
                          evals=[f"retrieval:manifest:{FLICKR}:test"])
   rows = {r["language"]: r for r in suite.run(params)}
   m = manifest.load(FLICKR, "test")

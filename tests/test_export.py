@@ -20,7 +20,9 @@ from flax import nnx
 
 import big_clip  # noqa: F401  (flax config)
 from big_clip import config as config_lib
-from big_clip import export
+from big_clip import export, sharding
+from big_clip.convert import pretrained
+from big_clip.models import adapt
 from big_clip.convert import hf, tables
 from big_clip.models.two_tower import TwoTower
 
@@ -62,7 +64,7 @@ def random_params(config, seed: int = 0) -> dict:
   logit_bias at 0, as training does (the loss gives it no gradient)."""
   rng = np.random.default_rng(seed)
   out = {}
-  for path, a in export.abstract_params(config).items():
+  for path, a in adapt.abstract_flat(config.model).items():
     if path == "logit_scale":
       value = np.log(1 / 0.07) + rng.normal()
     elif path == "logit_bias":
@@ -145,7 +147,7 @@ def random_hf_model(kind: str, path: str):
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_random_transformers_model_imports_with_equal_embeddings_and_logits(tmp_path, kind):
   hf_model = random_hf_model(kind, str(tmp_path))
-  config, params = export.from_hf(str(tmp_path))
+  config, params = pretrained.from_hf(str(tmp_path))
   assert config.loss.name == {"clip": "softmax", "siglip": "sigmoid"}[kind]
   tokens = CLIP_TOKENS if kind == "clip" else SIGLIP_TOKENS
   assert_outputs_close(big_clip_outputs(config, params, images(), tokens),
@@ -159,7 +161,7 @@ def test_export_loads_in_transformers_with_equal_outputs_and_reimports_identical
   config = tiny_config(kind, scan)
   config.model.text.max_len = max_len  # 248: a Long-CLIP position table carries over
   params = random_params(config)
-  cls = export.to_hf(params, config, str(tmp_path))
+  cls = pretrained.to_hf(params, config, str(tmp_path))
   hf_model, info = getattr(transformers, cls).from_pretrained(str(tmp_path),
                                                               output_loading_info=True)
   assert cls == {"clip": "CLIPModel", "siglip": "SiglipModel"}[kind]
@@ -169,7 +171,7 @@ def test_export_loads_in_transformers_with_equal_outputs_and_reimports_identical
   assert_outputs_close(big_clip_outputs(config, params, images(), tokens),
                        torch_outputs(hf_model.eval(), images(), tokens))
   # Export -> import is the identity on every parameter (scanned layout included).
-  _, back = export.from_hf(str(tmp_path), config)
+  _, back = pretrained.from_hf(str(tmp_path), config)
   flat, flat_back = tables.flatten(params), tables.flatten(back)
   assert flat.keys() == flat_back.keys()
   for k in flat:
@@ -178,11 +180,11 @@ def test_export_loads_in_transformers_with_equal_outputs_and_reimports_identical
 
 def test_imported_workdir_restores_and_reexports_the_same_tensors(tmp_path):
   random_hf_model("clip", str(tmp_path / "hf"))
-  config, params = export.from_hf(str(tmp_path / "hf"))
-  export.write_import(config, params, str(tmp_path / "run"), "hf:test")
-  restored_config, restored, step = export.restore_workdir(str(tmp_path / "run"))
+  config, params = pretrained.from_hf(str(tmp_path / "hf"))
+  pretrained.write_import(config, params, str(tmp_path / "run"), "hf:test")
+  restored_config, restored, step = adapt.read_run(str(tmp_path / "run"))
   assert step == 0 and restored_config.model.to_dict() == config.model.to_dict()
-  export.to_hf(restored, restored_config, str(tmp_path / "again"))
+  pretrained.to_hf(restored, restored_config, str(tmp_path / "again"))
   original, again = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("hf", "again"))
   assert original.keys() == again.keys()
   for k in original:
@@ -190,7 +192,7 @@ def test_imported_workdir_restores_and_reexports_the_same_tensors(tmp_path):
   # config.init_from='big_clip:WORKDIR' reads the same parameters into a scanned model.
   scanned = ml_collections.ConfigDict(config.to_dict())
   scanned.model.scan_layers = True
-  loaded = export.load_pretrained(f"big_clip:{tmp_path / 'run'}", scanned)
+  loaded = pretrained.load_init(f"big_clip:{tmp_path / 'run'}", scanned)
   np.testing.assert_array_equal(loaded["image"]["blocks"]["mlp"]["fc1"]["kernel"][1],
                                 params["image"]["blocks"][1]["mlp"]["fc1"]["kernel"])
 
@@ -204,11 +206,11 @@ def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path):
   key = "text_model.encoder.layers.1.mlp.fc1.weight"
   weights[key] = np.zeros((20, 12), np.float32)  # intermediate 24 -> 20
   save_file(weights, str(tmp_path / "model.safetensors"))
-  with pytest.raises(export.ImportMismatchError,
+  with pytest.raises(adapt.ImportMismatchError,
                      match=r"text\.blocks\.1\.mlp\.fc1\.kernel \(from text_model\.encoder\."
                            r"layers\.1\.mlp\.fc1\.weight\) has shape \(12, 20\); the model "
                            r"expects \(12, 24\)"):
-    export.from_hf(str(tmp_path))
+    pretrained.from_hf(str(tmp_path))
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
@@ -217,28 +219,28 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
   weights.pop("vision_model.post_layernorm.bias")
   weights["vision_model.extra.weight"] = np.zeros((2,), np.float32)
   save_file(weights, str(tmp_path / "model.safetensors"))
-  with pytest.raises(export.ImportMismatchError,
+  with pytest.raises(adapt.ImportMismatchError,
                      match=r"missing tensor\(s\) \['vision_model\.post_layernorm\.bias'\]; "
                            r"unexpected tensor\(s\) \['vision_model\.extra\.weight'\]"):
-    export.from_hf(str(tmp_path))
+    pretrained.from_hf(str(tmp_path))
 
 
 def test_a_config_that_disagrees_with_the_checkpoint_names_the_setting(tmp_path):
   random_hf_model("clip", str(tmp_path))
   config = tiny_config("clip")  # quick_gelu; the checkpoint uses exact GELU
-  with pytest.raises(export.ImportMismatchError,
+  with pytest.raises(adapt.ImportMismatchError,
                      match=r"needs config\.model\.activation='gelu', the config has 'quick_gelu'"):
-    export.from_hf(str(tmp_path), config)
+    pretrained.from_hf(str(tmp_path), config)
 
 
 def test_a_longer_text_position_table_asks_for_stretching():
   config = tiny_config("clip")
-  flat = export.flat_params(random_params(config))
+  flat = adapt.flat_params(random_params(config))
   flat["text.positional_embedding"] = np.zeros((248, 12), np.float32)  # Long-CLIP length
-  with pytest.raises(export.ImportMismatchError,
+  with pytest.raises(adapt.ImportMismatchError,
                      match=r"text\.positional_embedding has 248 positions but config\.model\."
                            r"text\.max_len=8.*stretching"):
-    export.import_params(flat, config)
+    adapt.import_params(flat, config.model)
 
 
 def test_a_shorter_text_position_table_is_stretched_on_import():
@@ -246,9 +248,9 @@ def test_a_shorter_text_position_table_is_stretched_on_import():
   short, long = tiny_config("clip"), tiny_config("clip")
   for c, n in ((short, 24), (long, 36)):
     c.model.text.max_len = c.data.max_len = n
-  flat = export.flat_params(random_params(short))
+  flat = adapt.flat_params(random_params(short))
   table = flat["text.positional_embedding"]
-  got = export.flat_params(export.import_params(flat, long))
+  got = adapt.flat_params(adapt.import_params(flat, long.model))
   stretched = got["text.positional_embedding"]
   assert stretched.shape == (36, 12)
   np.testing.assert_array_equal(stretched[:20], table[:20])
@@ -262,16 +264,16 @@ def test_a_shorter_text_position_table_is_stretched_on_import():
 def test_settings_a_target_cannot_represent_are_named():
   config = tiny_config("clip")
   config.loss.name = "sigmoid"  # -> SiglipModel, but the towers are CLIP's
-  with pytest.raises(export.ExportError, match=r"SiglipModel: config\.model\.image\.pool='cls'"):
-    export.to_hf(random_params(config), config, "/nonexistent")
+  with pytest.raises(pretrained.ExportError, match=r"SiglipModel: config\.model\.image\.pool='cls'"):
+    pretrained.to_hf(random_params(config), config, "/nonexistent")
   siglip = tiny_config("siglip")
-  with pytest.raises(export.ExportError,
+  with pytest.raises(pretrained.ExportError,
                      match=r"open_clip: config\.model\.image\.pool='map'"):
-    export.to_open_clip(random_params(siglip), siglip, "/nonexistent")
+    pretrained.to_open_clip(random_params(siglip), siglip, "/nonexistent")
   conv = tiny_config("clip")
   conv.model.image.stem = "conv"
-  for to, target in ((export.to_hf, "CLIPModel"), (export.to_open_clip, "open_clip")):
-    with pytest.raises(export.ExportError, match=rf"{target}: .*image\.stem='conv'"):
+  for to, target in ((pretrained.to_hf, "CLIPModel"), (pretrained.to_open_clip, "open_clip")):
+    with pytest.raises(pretrained.ExportError, match=rf"{target}: .*image\.stem='conv'"):
       to(random_params(conv), conv, "/nonexistent")
 
 
@@ -318,7 +320,7 @@ def test_open_clip_loads_the_export_strictly_with_equal_outputs_and_imports_back
     config.model.image.ln_pre = False
     config.model.text.update(pool="final", causal=False, proj_bias=True)
   params = random_params(config)
-  model_cfg = export.to_open_clip(params, config, str(tmp_path))
+  model_cfg = pretrained.to_open_clip(params, config, str(tmp_path))
   with open(tmp_path / "open_clip_config.json") as f:
     assert json.load(f)["model_cfg"] == model_cfg
   model = oc.CLIP(**model_cfg).eval()  # what open_clip.create_model('local-dir:...') builds
@@ -339,7 +341,7 @@ def test_open_clip_loads_the_export_strictly_with_equal_outputs_and_imports_back
   perturb_torch(model, seed=5)
   save_file({k: v.contiguous().numpy() for k, v in model.state_dict().items()},
             str(tmp_path / "open_clip_model.safetensors"))
-  imported_config, imported = export.from_open_clip(str(tmp_path))
+  imported_config, imported = pretrained.from_open_clip(str(tmp_path))
   assert_outputs_close(big_clip_outputs(imported_config, imported, images(), tokens),
                        open_clip_outputs())
 
@@ -363,17 +365,18 @@ def test_recipes_are_exportable_to_their_transformers_class(recipe, cls):
 
 def test_imported_params_are_placed_with_the_train_state_shardings(tmp_path):
   """train.py's init_from: load_pretrained, then place_like the freshly initialized params."""
-  from big_clip import sharding, train
+  from big_clip import sharding
+  from big_clip.models import two_tower
 
   config = tiny_config("clip", scan=True)
   config.mesh.update(data=2, fsdp=4)
   params = random_params(config)
-  export.to_hf(params, config, str(tmp_path))
+  pretrained.to_hf(params, config, str(tmp_path))
   mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
-  _, abstract, shardings = train.abstract_params(config, mesh)
+  _, abstract, shardings = two_tower.abstract_params(config.model, mesh)
   like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
-  placed = export.place_like(export.load_pretrained(f"hf:{tmp_path}", config), like)
+  placed = sharding.place_like(pretrained.load_init(f"hf:{tmp_path}", config), like)
   kernel = placed["image"]["blocks"]["mlp"]["fc1"]["kernel"]  # [layers, embed->fsdp, mlp]
   assert kernel.sharding == like["image"]["blocks"]["mlp"]["fc1"]["kernel"].sharding
   assert kernel.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // 4

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from big_clip import config as config_lib
-from big_clip import optim, sharding, train
+from big_clip import optim, sharding, steps, train
 from big_clip.data import text_cache, tokenizers
 from big_clip.models import llm, two_tower
 
@@ -111,9 +111,9 @@ def _padded_tokens(folder, max_len=12):
   """Right-padded HF tokens of SENTENCES, plus one left-padded row (positions still count
   from the first real token)."""
   tok = tokenizers.HfTokenizer(os.path.join(folder, "tokenizer.json"), max_len,
-                               pad_id=tokenizers.HF_PAD_ID)
+                               pad_id=llm.PAD_ID)
   tokens = tok.encode(SENTENCES[:4])
-  left = np.full((1, max_len), tokenizers.HF_PAD_ID, np.int32)
+  left = np.full((1, max_len), llm.PAD_ID, np.int32)
   ids = tokens[1][tokens[1] >= 0]
   left[0, max_len - len(ids):] = ids
   return np.concatenate([tokens, left])
@@ -123,7 +123,7 @@ def _padded_tokens(folder, max_len=12):
 def test_last_hidden_states_equal_transformers_with_padding(family, request):
   folder, hf_model = request.getfixturevalue(family)
   tokens = _padded_tokens(folder)
-  valid = tokens != tokenizers.HF_PAD_ID
+  valid = tokens != llm.PAD_ID
   assert (~valid).any(axis=1).sum() == 4  # padded rows, plus one cut to max_len
   tower = make_tower(llm_config(folder))
   ours = np.asarray(nnx.jit(lambda d, t, v: d(t, v))(tower.decoder, jnp.asarray(tokens),
@@ -155,14 +155,14 @@ def test_pooling_matches_numpy():
 def test_hf_tokenizer_pads_with_minus_one_and_appends_eos(llama):
   folder, _ = llama
   tok = tokenizers.HfTokenizer(os.path.join(folder, "tokenizer.json"), 6, eos_id=EOS,
-                               append_eos=True, pad_id=tokenizers.HF_PAD_ID)
+                               append_eos=True, pad_id=llm.PAD_ID)
   out = tok.encode(["three yellow crosses .", SENTENCES[2]])
   vocab = json.load(open(os.path.join(folder, "tokenizer.json")))["model"]["vocab"]
   assert out[0].tolist() == [2, vocab["three"], vocab["yellow"], vocab["crosses"], vocab["."],
                              EOS]
   assert out[1, -1] == EOS and (out[1] >= 0).all()  # cut, EOS kept last
   short = tokenizers.HfTokenizer(os.path.join(folder, "tokenizer.json"), 8,
-                               pad_id=tokenizers.HF_PAD_ID).encode(["diamonds ."])
+                               pad_id=llm.PAD_ID).encode(["diamonds ."])
   assert short[0].tolist() == [2, vocab["diamonds"], vocab["."]] + [-1] * 5
 
 
@@ -261,11 +261,11 @@ def test_a_stale_cache_is_refused_naming_what_changed(llama, llama_cache):
   folder, _ = llama
   index = json.load(open(os.path.join(llama_cache, text_cache.INDEX)))
   assert index["count"] == 8 and len(index["shards"]) == 2
-  assert len(tokenizers.for_llm(llm_config(folder, cache_dir=llama_cache).model, 12)) == 8
+  assert len(text_cache.for_llm(llm_config(folder, cache_dir=llama_cache).model, 12)) == 8
   with pytest.raises(text_cache.StaleCacheError, match=r"pooling.*'mean' vs run 'last'"):
-    tokenizers.for_llm(llm_config(folder, cache_dir=llama_cache, pooling="last").model, 12)
+    text_cache.for_llm(llm_config(folder, cache_dir=llama_cache, pooling="last").model, 12)
   with pytest.raises(text_cache.StaleCacheError, match=r"max_len"):
-    tokenizers.for_llm(llm_config(folder, cache_dir=llama_cache).model, 10)
+    text_cache.for_llm(llm_config(folder, cache_dir=llama_cache).model, 10)
   key = text_cache.cache_key(folder, "mean", 12, "float32")
   with pytest.raises(text_cache.StaleCacheError, match=r"different tokenizer"):
     text_cache.CachedFeatures(llama_cache, dict(key, tokenizer="0" * 64))
@@ -291,8 +291,8 @@ def one_step_live_and_cached(llama, llama_cache):
   images = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
   results = []
   for config in (live, cached):
-    text = tokenizers.for_llm(config.model, 12).encode(captions)
-    setup = train.build(config, mesh)
+    text = text_cache.for_llm(config.model, 12).encode(captions)
+    setup = steps.build(config, mesh)
     init = _flat(jax.device_get(setup.state["params"]))
     opt_paths = [jax.tree_util.keystr(p) for p, _ in
                  jax.tree_util.tree_flatten_with_path(setup.state["opt"])[0]]
@@ -365,10 +365,10 @@ def test_memory_plan_of_the_8b_recipe(tmp_path):
 
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory):
-  from big_clip.data import sources
+  from big_clip.data import embedded
 
   path = str(tmp_path_factory.mktemp("spm") / "spm.model")
-  tokenizers.train_spm(sources.caption_corpus(n=1000, seed=0), path, vocab_size=1024)
+  tokenizers.train_spm(embedded.sample_captions(n=1000, seed=0), path, vocab_size=1024)
   return path
 
 
@@ -386,7 +386,7 @@ def test_llm2clip_local_trains_two_steps_and_leaves_the_frozen_base_alone(tmp_pa
   assert result["step"] == 2 and np.isfinite(result["metrics"]["loss"])
   assert os.path.exists(tmp_path / "checkpoints" / "2")
   # Initialized as train.build does (jitted: eager init differs in the last bit).
-  init = _flat(jax.jit(lambda: nnx.to_pure_dict(nnx.state(train.init_fn(config)())))())
+  init = _flat(jax.jit(lambda: nnx.to_pure_dict(nnx.state(two_tower.init_fn(config.model, config.seed)())))())
   final = _flat(jax.device_get(result["params"]))
   decoder = [p for p in init if p.startswith("text/decoder/")]
   assert decoder and all(np.array_equal(final[p], init[p]) for p in decoder if "lora" not in p)

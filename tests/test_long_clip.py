@@ -1,4 +1,4 @@
-"""Long-CLIP (issue 8): positional stretching, loading a shorter table into a longer model,
+"""Long-CLIP: positional stretching, loading a shorter table into a longer model,
 the primary-component matching loss, and the embedded long captions + their retrieval eval.
 References are float64 NumPy written from the paper / the Long-CLIP release, not from our code.
 """
@@ -15,7 +15,7 @@ from flax import nnx
 
 from big_clip import checkpoints, sharding
 from big_clip import config as config_lib
-from big_clip.data import pipeline, sources, tokenizers
+from big_clip.data import pipeline, embedded, tokenizers
 from big_clip.losses import long_clip
 from big_clip.models import adapt, text
 from big_clip.models.two_tower import TwoTower
@@ -81,23 +81,23 @@ def flat(tree) -> dict:
   return {k: np.asarray(v) for k, v in nnx.traversals.flatten_mapping(tree).items()}
 
 
-def test_fit_loaded_params_stretches_only_the_positional_table():
-  loaded = {("text", "positional_embedding"): np.ones((77, 16), np.float32),
-            ("text", "blocks", "mlp", "fc1", "kernel"): np.ones((2, 16, 32), np.float32)}
-  shapes = {("text", "positional_embedding"): (248, 16),
-            ("text", "blocks", "mlp", "fc1", "kernel"): (2, 16, 32)}
-  out = adapt.fit_loaded_params(loaded, shapes, tiny_model_cfg(248).lock())
-  assert out[("text", "positional_embedding")].shape == (248, 16)
-  assert out[("text", "blocks", "mlp", "fc1", "kernel")] is loaded[
-      ("text", "blocks", "mlp", "fc1", "kernel")]
-  with pytest.raises(ValueError, match=r"text\.blocks\.mlp\.fc1\.kernel has shape"):
-    adapt.fit_loaded_params(loaded, {**shapes, ("text", "blocks", "mlp", "fc1", "kernel"):
-                                     (2, 16, 64)}, tiny_model_cfg(248))
-  with pytest.raises(ValueError, match="more than config.model.text.max_len=64"):
-    adapt.fit_loaded_params(loaded, {**shapes, ("text", "positional_embedding"): (64, 16)},
-                            tiny_model_cfg(64))
-  with pytest.raises(ValueError, match=r"missing \['image.cls'\]"):
-    adapt.fit_loaded_params(loaded, {**shapes, ("image", "cls"): (16,)}, tiny_model_cfg(248))
+def test_import_params_stretches_only_the_positional_table():
+  short, long = tiny_model_cfg(77), tiny_model_cfg(248)
+  loaded = adapt.flat_params(init_params(short, seed=1))
+  out = adapt.flat_params(adapt.import_params(loaded, long))
+  table = "text.positional_embedding"
+  assert out[table].shape == (248, 16)
+  np.testing.assert_array_equal(out[table][:20], loaded[table][:20])
+  for key in loaded:
+    if key != table:
+      np.testing.assert_array_equal(out[key], loaded[key], err_msg=key)
+  kernel = "text.blocks.1.mlp.fc1.kernel"
+  with pytest.raises(ValueError, match=r"text\.blocks\.1\.mlp\.fc1\.kernel has shape"):
+    adapt.import_params({**loaded, kernel: np.ones((16, 64), np.float32)}, long)
+  with pytest.raises(ValueError, match="positions but config.model.text.max_len=64"):
+    adapt.import_params(loaded, tiny_model_cfg(64))
+  with pytest.raises(ValueError, match=r"missing tensor\(s\) \['logit_scale'\]"):
+    adapt.import_params({k: v for k, v in loaded.items() if k != "logit_scale"}, long)
 
 
 def init_params(cfg, seed):
@@ -142,7 +142,8 @@ def test_warm_start_loads_a_24_position_checkpoint_into_a_36_position_model(shor
   params = init_params(long_cfg, seed=9)
   shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.P()), params)
   params = jax.device_put(params, shardings)
-  loaded = adapt.warm_start(f"big_clip:{workdir}:7", long_cfg, params)
+  loaded = sharding.place_like(adapt.load_big_clip(f"big_clip:{workdir}:7", long_cfg)[1],
+                               params)
   got, want = flat(loaded), flat(short_params)
   table = ("text", "positional_embedding")
   assert got[table].shape == (36, 16)
@@ -166,7 +167,7 @@ def test_warm_start_loads_a_24_position_checkpoint_into_a_36_position_model(shor
 
 def test_warm_start_names_a_missing_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    adapt.read_checkpoint_params(str(tmp_path), None)
+    checkpoints.read_params(str(tmp_path), None)
   with pytest.raises(ValueError, match="big_clip:WORKDIR"):
     adapt.parse_big_clip_spec("hf:openai/clip")
 
@@ -228,13 +229,13 @@ def test_primary_components_rejects_more_components_than_the_batch_spans():
 @pytest.fixture(scope="module")
 def long_tokenizer(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("spm") / "spm.model")
-  tokenizers.train_spm(sources.caption_corpus(n=2000, seed=0, long_captions=True), path, 1024)
+  tokenizers.train_spm(embedded.sample_captions(n=2000, seed=0, long_captions=True), path, 1024)
   return tokenizers.SpmTokenizer(path, 248)
 
 
 def test_long_captions_name_colour_and_shape_only_after_token_77(long_tokenizer):
-  _, captions = sources.long_caption_set(60, seed=0, image_size=16)
-  late = set(sources.COLOURS) | {w for pair in
+  _, captions = embedded.long_caption_set(60, seed=0, image_size=16)
+  late = set(embedded.COLOURS) | {w for pair in
                                   [("circle", "circles"), ("square", "squares"),
                                    ("triangle", "triangles"), ("cross", "crosses"),
                                    ("diamond", "diamonds")] for w in pair}
@@ -254,17 +255,19 @@ def test_long_captions_name_colour_and_shape_only_after_token_77(long_tokenizer)
 
 
 def test_long_caption_batches_carry_short_captions_and_leave_the_default_alone(long_tokenizer):
-  cfg = ml_collections.ConfigDict(dict(source="embedded", global_batch=4, image_size=16,
-                                       max_len=248, languages={"en": 1.0}, long_captions=1.0))
+  cfg = config_lib.base().data
+  cfg.update(dict(source="embedded", global_batch=4, image_size=16, max_len=248,
+                  languages={"en": 1.0}, long_captions=1.0))
   batch = pipeline.make(cfg, 0, 1, tokenizer=long_tokenizer, seed=0, prefetch=0,
                         with_short_captions=True).batch_at(0)
   for row in range(4):
-    image, attrs = sources.render_example(0, "train", row, 16)
-    short = sources.caption(attrs, "en", np.random.default_rng([0, 1, row]))
+    image, attrs = embedded.render_example(0, "train", row, 16)
+    short = embedded.caption(attrs, "en", np.random.default_rng([0, 1, row]))
     assert long_tokenizer.decode(batch["text_short"][row]) == short
-    assert sources.COLOURS[attrs["colour"]] in long_tokenizer.decode(batch["text"][row])
+    assert embedded.COLOURS[attrs["colour"]] in long_tokenizer.decode(batch["text"][row])
     assert (batch["text"][row] != 0).sum() > 150
-  off = ml_collections.ConfigDict(dict(cfg.to_dict(), long_captions=0.0))
+  off = config_lib.base().data
+  off.update(dict(cfg.to_dict(), long_captions=0.0))
   default = pipeline.make(off, 0, 1, tokenizer=long_tokenizer, seed=0, prefetch=0).batch_at(0)
   want = long_tokenizer.encode([pipeline.example(0, i, 16, ("en",), np.ones(1))[2]
                                 for i in range(4)])
@@ -294,7 +297,7 @@ def test_long_caption_keys_are_validated():
 @pytest.mark.slow
 def test_train_step_on_248_token_captions_with_pce_and_a_stretched_teacher(long_tokenizer,
                                                                             tmp_path):
-  from big_clip import train
+  from big_clip import steps
   from big_clip.losses import distill, softmax
   from big_clip.models import teacher
 
@@ -320,7 +323,7 @@ def test_train_step_on_248_token_captions_with_pce_and_a_stretched_teacher(long_
                                            prefetch=0, with_short_captions=True), the_teacher)
   batch = next(data)
   assert (batch["text"] != 0).sum(1).min() > 150  # long captions, not truncated at 77
-  setup = train.build(c, mesh, teacher_dim=the_teacher.embed_dim)
+  setup = steps.build(c, mesh, teacher_dim=the_teacher.embed_dim)
   params = jax.device_get(setup.state["params"])
   _, metrics = setup.step(setup.state, sharding.place_batch(batch, mesh))
 

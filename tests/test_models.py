@@ -10,6 +10,7 @@ import scipy.special
 from flax import nnx
 
 import big_clip  # noqa: F401  (flax config)
+from big_clip import config as config_lib
 from big_clip import sharding
 from big_clip.models import layers, text
 from big_clip.models.two_tower import TwoTower
@@ -21,7 +22,9 @@ TOKENS = np.array([[5, 9, 7, EOS, PAD, PAD],
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict(dict(
+  """config.model of the schema (every key present), shrunk to a tiny model."""
+  cfg = config_lib.base().model
+  cfg.update(dict(
       embed_dim=8, dtype="float32", param_dtype="float32", remat=False, scan_layers=False,
       activation="gelu", logit_scale_init=float(np.log(1 / 0.07)), logit_scale_max=100.0,
       logit_bias_init=0.0,

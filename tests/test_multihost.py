@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from big_clip import config as config_lib
-from big_clip import losses, sharding, train
-from big_clip.data import pipeline, sources, tokenizers
+from big_clip import losses, sharding, steps
+from big_clip.data import pipeline, embedded, tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -78,12 +78,12 @@ def one_train_step(spm_path: str, accum_steps: int):
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   config_lib.validate_for_mesh(config, sharding.data_parallel_size(mesh),
                                      jax.process_count())
-  tokenizer = train.build_tokenizer(config, os.path.dirname(spm_path))
+  tokenizer = pipeline.build_tokenizer(config, os.path.dirname(spm_path))
   data = pipeline.make(config.data, jax.process_index(), jax.process_count(),
                        tokenizer=tokenizer, seed=config.seed)
   batch = sharding.place_batch(next(data), mesh)
   data.close()
-  setup = train.build(config, mesh)
+  setup = steps.build(config, mesh)
   init = jax.tree.map(jnp.copy, setup.state["params"])  # the step donates its input
   state, metrics = setup.step(setup.state, batch)
   return metrics["loss"], state["params"], init
@@ -136,7 +136,7 @@ def _wait(procs: list[subprocess.Popen], out_path: str, timeout_s: float = 900) 
 @pytest.mark.slow
 def test_two_processes_compute_the_same_losses_and_train_step_as_one(tmp_path):
   spm_path = str(tmp_path / "spm.model")
-  tokenizers.train_spm(sources.caption_corpus(n=3000, seed=0), spm_path, vocab_size=1024)
+  tokenizers.train_spm(embedded.sample_captions(n=3000, seed=0), spm_path, vocab_size=1024)
   out_path = str(tmp_path / "multihost.npz")
   procs = _start_two_processes(out_path, spm_path)
   try:  # the references, computed while the children start up and compile

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from big_clip import config as config_lib
-from big_clip import sharding, train
-from big_clip.data import pipeline, sources
+from big_clip import sharding, steps
+from big_clip.data import pipeline, embedded
 
 MAX_LEN, EOS = 64, 3
 
@@ -55,8 +55,8 @@ def test_embedded_batches_pair_each_caption_with_an_english_one_of_the_same_imag
   np.testing.assert_array_equal(paired["image"], plain["image"])  # a stream of its own:
   np.testing.assert_array_equal(paired["text"], plain["text"])  # nothing else changes
   for index, row in enumerate(paired["text_pair"]):
-    _, attrs = sources.render_example(0, "train", index, 16)
-    english = {sources.caption(attrs, "en", np.random.default_rng([index, k]))
+    _, attrs = embedded.render_example(0, "train", index, 16)
+    english = {embedded.caption(attrs, "en", np.random.default_rng([index, k]))
                .encode()[:MAX_LEN - 1].decode() for k in range(300)}
     assert decode(row) in english, (index, decode(row))  # English, of the same image
   assert len({decode(r) for r in paired["text_pair"]}) > 4
@@ -77,7 +77,7 @@ def test_train_step_loss_is_image_text_plus_weighted_text_pair_loss(devices):
   mesh = sharding.make_mesh(dict(data=devices, fsdp=1, tensor=1),
                             devices=jax.devices()[:devices])
   batch = next(pipeline.make(c.data, 0, 1, tokenizer=ByteTokenizer(), seed=0, prefetch=0))
-  setup = train.build(c, mesh)
+  setup = steps.build(c, mesh)
   params = jax.device_get(setup.state["params"])
   _, metrics = setup.step(setup.state, sharding.place_batch(batch, mesh))
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from big_clip import config as config_lib
-from big_clip import sharding, train
-from big_clip.data import pipeline, sources, tokenizers
+from big_clip import sharding, steps, train
+from big_clip.models import two_tower
+from big_clip.data import pipeline, embedded, tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def tiny_config(**overrides):
 def spm_path(tmp_path_factory):
   """One small multilingual tokenizer for all tests of this module."""
   path = str(tmp_path_factory.mktemp("spm") / "spm.model")
-  tokenizers.train_spm(sources.caption_corpus(n=3000, seed=0), path, vocab_size=1024)
+  tokenizers.train_spm(embedded.sample_captions(n=3000, seed=0), path, vocab_size=1024)
   return path
 
 
@@ -61,7 +62,7 @@ def random_batch(config, seed=0):
 
 def run_steps(config, mesh, batches):
   """(initial params, params after the steps, losses); all numpy."""
-  setup = train.build(config, mesh)
+  setup = steps.build(config, mesh)
   state, losses = setup.state, []
   init = jax.device_get(state["params"])
   for batch in batches:
@@ -101,10 +102,10 @@ def test_grad_accumulation_of_one_batch_is_the_mean_of_its_micro_batch_gradients
   config = tiny_config(**{"optim.grad_accum_steps": 2, "optim.clip_norm": 0.0})
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   batch = random_batch(config)
-  setup = train.build(config, mesh)
+  setup = steps.build(config, mesh)
   _, metrics = setup.step(setup.state, sharding.place_batch(batch, mesh))
   single = tiny_config(**{"data.global_batch": 8})
-  single_setup = train.build(single, mesh)
+  single_setup = steps.build(single, mesh)
   micro_losses = []
   for i in range(2):
     micro = {k: v[i::2] for k, v in batch.items()}
@@ -117,7 +118,7 @@ def test_grad_accumulation_of_one_batch_is_the_mean_of_its_micro_batch_gradients
 def test_a_nan_batch_is_not_applied_and_is_counted():
   config = tiny_config()
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  setup = train.build(config, mesh)
+  setup = steps.build(config, mesh)
   before = jax.device_get(setup.state["params"])
   batch = random_batch(config)
   batch["image"][3] = np.nan
@@ -239,7 +240,7 @@ def test_weight_decay_hits_weight_matrices_only_also_when_layers_are_scanned():
 
   for scan in (False, True):
     config = tiny_config(**{"model.scan_layers": scan})
-    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(train.init_fn(config))))
+    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(two_tower.init_fn(config.model, config.seed))))
     flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
     decayed = {"/".join(str(k.key) for k in path) for path, on in flat if on}
     assert "text/token_embedding/embedding" in decayed

@@ -23,6 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from big_clip import config as config_lib  # noqa: E402
+from big_clip import sharding  # noqa: E402
+from big_clip.data import embedded, text_cache  # noqa: E402
+
 flags.DEFINE_string("llm", None, "Hugging Face Llama/Qwen2 folder (config.json, "
                     "*.safetensors, tokenizer.json).")
 flags.DEFINE_string("out", None, "Cache folder to write (index.json + shards).")
@@ -44,10 +48,6 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
   del argv
-  from big_clip import config as config_lib
-  from big_clip import sharding
-  from big_clip.data import text_cache
-
   if not FLAGS.llm or not FLAGS.out or bool(FLAGS.captions) == bool(FLAGS.source):
     raise app.UsageError("Give --llm, --out and exactly one of --captions FILE or "
                          "--source embedded.")
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     with open(FLAGS.captions, encoding="utf-8") as f:
       captions = [line.rstrip("\n") for line in f if line.strip()]
   else:
-    captions = text_cache.embedded_captions(FLAGS.languages)
+    captions = embedded.every_text(FLAGS.languages)
   c = config_lib.base()
   c.model.text.update(kind="llm", max_len=FLAGS.max_len)
   c.model.text.llm.update(path=FLAGS.llm, pooling=FLAGS.pooling, dtype=FLAGS.dtype)

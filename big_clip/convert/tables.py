@@ -1,7 +1,7 @@
 """One table entry per PyTorch tensor: which big_clip parameters it is made of, and how.
 
 big_clip parameters are addressed by dotted paths in the per-layer layout
-(`image.blocks.3.attn.q.kernel`); `big_clip.export` converts the scanned layout (layers
+(`image.blocks.3.attn.q.kernel`); `models.adapt` converts the scanned layout (layers
 stacked on axis 0) to and from it. Each `Entry` maps one or more of our tensors to one torch
 tensor and back, so export and import read the same table and their round trip is the
 identity by construction. All arrays are NumPy.
@@ -15,14 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from big_clip.models.adapt import ImportMismatchError, flatten, unflatten
+from big_clip.errors import UserError
 
-class ExportError(ValueError):
+
+class ExportError(UserError, ValueError):
   """A big_clip model (or config setting) that the target format cannot represent."""
-
-
-class ImportMismatchError(ValueError):
-  """Pretrained weights that do not fit the model: names the tensor, its shape and the
-  expected shape (or the config setting and its value)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,28 +145,3 @@ def to_ours(state: Mapping[str, Any], entries: Iterable[Entry], fmt: str, source
     for k, v in zip(e.ours, parts):
       flat[k], origin[k] = v, e.theirs
   return flat, origin
-
-
-# ------------------------------------------------------------------------------ Our layout.
-def flatten(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
-  """Nested dict (nnx pure dict) -> {'a.b.0.c': leaf}."""
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(flatten(value, path + "."))
-    else:
-      out[path] = value
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[Any, Any]:
-  """{'a.b.0.c': leaf} -> nested dict; numeric parts become int keys (nnx.List indices)."""
-  tree: dict[Any, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = [int(p) if p.isdigit() else p for p in path.split(".")]
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree

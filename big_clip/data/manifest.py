@@ -22,8 +22,10 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from big_clip.errors import UserError
 
-class ManifestError(ValueError):
+
+class ManifestError(UserError, ValueError):
   """A manifest file that does not follow the format above."""
 
 

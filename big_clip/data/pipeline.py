@@ -1,13 +1,13 @@
 """Host-local input pipeline: deterministic, resumable batches of (image, caption tokens).
 
 Example `e` of the stream is a pure function of (seed, e): its image comes from
-`sources.render_example(seed, 'train', e)`, its caption language and template from an rng
+`embedded.render_example(seed, 'train', e)`, its caption language and template from an rng
 keyed on (seed, e). Step `s` covers examples [s * global_batch, (s + 1) * global_batch);
 host `p` of `P` takes the contiguous slice `s * global_batch + p * local_batch + [0,
 local_batch)`. So hosts are disjoint, their union is the batch a single host would see, and
 the iterator's whole state is the index of the next example.
 
-`make()` serves the other sources (tfds:, shards:, manifest:) through `loader.SourceIterator`,
+`make()` serves the other sources (tfds:, shards:, manifest:) through `files.SourceIterator`,
 which yields the same batches and has the same get_state / set_state / skipped / close.
 """
 
@@ -16,18 +16,21 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from big_clip.data import sources
+from big_clip import config as config_lib
+from big_clip import workdir as workdir_lib
+from big_clip.data import embedded, files, text_cache, tokenizers
+from big_clip.data import languages as languages_lib
 
-SOURCES = ("embedded",)
-REAL_SOURCES = ("tfds:", "shards:", "manifest:")  # big_clip/data/loader.py
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = config_lib.CLIP_MEAN, config_lib.CLIP_STD
 _CAPTION_STREAM = 1  # rng entropy tag: captions get a stream apart from the image's
 _LONG_CAPTION_STREAM = 2  # long captions: a stream of their own, short captions unchanged
 _PAIR_STREAM = 3  # paired captions (config.data.pair_language): a stream of their own
@@ -56,18 +59,10 @@ def _mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, 
   return mean, std
 
 
-def language_weights(languages: Mapping[str, float]) -> tuple[tuple[str, ...], np.ndarray]:
-  """(languages, cumulative probabilities) in the canonical order of EMBEDDED_LANGUAGES, so
-  the sampling does not depend on how the config mapping was ordered or serialized."""
-  unknown = sorted(set(languages) - set(sources.EMBEDDED_LANGUAGES))
-  if unknown:
-    raise ValueError(f"config.data.languages names {unknown}, which the embedded dataset "
-                     f"does not have; available: {sources.EMBEDDED_LANGUAGES}.")
-  names = tuple(lang for lang in sources.EMBEDDED_LANGUAGES if lang in languages)
-  weights = np.array([float(languages[lang]) for lang in names], np.float64)
-  if not names or (weights < 0).any() or weights.sum() <= 0:
-    raise ValueError(f"config.data.languages={dict(languages)} needs at least one language "
-                     "and non-negative weights with a positive sum.")
+def language_cdf(languages: Mapping[str, float]) -> tuple[tuple[str, ...], np.ndarray]:
+  """(languages, cumulative probabilities) of the embedded data, in the canonical order of
+  EMBEDDED_LANGUAGES (`languages.language_table`)."""
+  names, weights = languages_lib.language_table(languages, order=embedded.EMBEDDED_LANGUAGES)
   return names, np.cumsum(weights / weights.sum())
 
 
@@ -76,13 +71,13 @@ def example(seed: int, index: int, image_size: int, languages: Sequence[str],
             ) -> tuple[np.ndarray, str, str] | tuple[np.ndarray, str, str, str]:
   """(image uint8 [H, W, 3], language, caption) of training example `index`; with
   `pair_language`, + another caption of the same image drawn in that language."""
-  image, attrs = sources.render_example(seed, "train", index, image_size)
+  image, attrs = embedded.render_example(seed, "train", index, image_size)
   rng = np.random.default_rng([seed, _CAPTION_STREAM, index])
   lang = languages[min(bisect.bisect_right(cumulative, rng.random()), len(languages) - 1)]
-  text = sources.caption(attrs, lang, rng)
+  text = embedded.caption(attrs, lang, rng)
   if not pair_language:
     return image, lang, text
-  pair = sources.caption(attrs, pair_language, np.random.default_rng([seed, _PAIR_STREAM, index]))
+  pair = embedded.caption(attrs, pair_language, np.random.default_rng([seed, _PAIR_STREAM, index]))
   return image, lang, text, pair
 
 
@@ -90,10 +85,10 @@ def long_example(seed: int, index: int, image_size: int, long_share: float
                  ) -> tuple[np.ndarray, str, str]:
   """(image, caption, short caption) of training example `index` with long captions on: the
   caption is the long one with probability `long_share`, else the short English one."""
-  image, attrs = sources.render_example(seed, "train", index, image_size)
-  short = sources.caption(attrs, "en", np.random.default_rng([seed, _CAPTION_STREAM, index]))
+  image, attrs = embedded.render_example(seed, "train", index, image_size)
+  short = embedded.caption(attrs, "en", np.random.default_rng([seed, _CAPTION_STREAM, index]))
   rng = np.random.default_rng([seed, _LONG_CAPTION_STREAM, index])
-  text = sources.long_caption(attrs, rng) if rng.random() < long_share else short
+  text = embedded.long_caption(attrs, rng) if rng.random() < long_share else short
   return image, text, short
 
 
@@ -119,21 +114,20 @@ class EmbeddedIterator:
     self._host_offset = process_index * self._local_batch
     self._image_size = int(data_cfg.image_size)
     self._max_len = int(data_cfg.max_len)
-    self._languages, self._cumulative = language_weights(data_cfg.languages)
-    self._mean, self._std = _mean_std(data_cfg.get("mean", CLIP_MEAN),
-                                      data_cfg.get("std", CLIP_STD))
+    self._languages, self._cumulative = language_cdf(data_cfg.languages)
+    self._mean, self._std = _mean_std(data_cfg.mean, data_cfg.std)
     self._tokenizer, self._seed = tokenizer, int(seed)
-    self._long_share = float(data_cfg.get("long_captions", 0.0))
+    self._long_share = float(data_cfg.long_captions)
     self._with_short = bool(with_short_captions)
     if self._with_short and self._long_share <= 0:
       raise ValueError("with_short_captions needs config.data.long_captions > 0.")
-    self._pair_language = str(data_cfg.get("pair_language", ""))
+    self._pair_language = str(data_cfg.pair_language)
     if self._pair_language and self._long_share > 0:
       raise ValueError("config.data.pair_language with config.data.long_captions > 0: the "
                        "embedded data pairs short captions only; set one of them to off.")
-    if self._pair_language and self._pair_language not in sources.EMBEDDED_LANGUAGES:
+    if self._pair_language and self._pair_language not in embedded.EMBEDDED_LANGUAGES:
       raise ValueError(f"config.data.pair_language={self._pair_language!r} is not a language "
-                       f"of the embedded dataset; available: {sources.EMBEDDED_LANGUAGES}.")
+                       f"of the embedded dataset; available: {embedded.EMBEDDED_LANGUAGES}.")
     self._next_example = 0  # first example of the next batch handed out (global index)
     self._prefetch = max(0, int(prefetch))
     self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="big_clip_data")
@@ -236,11 +230,12 @@ def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count:
          tokenizer: Tokenizer, seed: int, prefetch: int = 2,
          with_short_captions: bool = False) -> Any:
   """The iterator of `data_cfg.source` that yields this host's slice of every global batch:
-  `EmbeddedIterator` for 'embedded', else `loader.SourceIterator` (tfds:, shards:,
+  `EmbeddedIterator` for 'embedded', else `files.SourceIterator` (tfds:, shards:,
   manifest:). Both yield {'image', 'text'} and have get_state/set_state/skipped/close."""
-  if data_cfg.source not in SOURCES and not data_cfg.source.startswith(REAL_SOURCES):
+  if data_cfg.source != "embedded" and not data_cfg.source.startswith(
+      config_lib.SOURCE_PREFIXES):
     raise ValueError(f"config.data.source={data_cfg.source!r} is not supported; allowed: "
-                     f"'embedded' or {', '.join(p + '...' for p in REAL_SOURCES)}.")
+                     f"'embedded' or {', '.join(p + '...' for p in config_lib.SOURCE_PREFIXES)}.")
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   if data_cfg.global_batch % process_count:
@@ -251,10 +246,8 @@ def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count:
     raise ValueError(f"The tokenizer pads to {tokenizer_len} tokens but config.data.max_len="
                      f"{data_cfg.max_len}; build the tokenizer with the config's max_len.")
   if data_cfg.source != "embedded":
-    from big_clip.data import loader  # TensorFlow: imported only for real sources
-
     mean, std = _mean_std(data_cfg.mean, data_cfg.std)
-    return loader.SourceIterator(data_cfg, process_index, process_count, tokenizer, seed,
+    return files.SourceIterator(data_cfg, process_index, process_count, tokenizer, seed,
                                  prefetch, normalize=lambda x: normalize(x, mean, std))
   return EmbeddedIterator(data_cfg, process_index, process_count, tokenizer, seed, prefetch,
                           with_short_captions)
@@ -263,8 +256,26 @@ def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count:
 def caption_corpus(data_cfg: ml_collections.ConfigDict, seed: int) -> list[str]:
   """Text to train the source's sentencepiece model on when config.data.tokenizer.path=''."""
   if data_cfg.source == "embedded":
-    return sources.caption_corpus(n=60_000, seed=seed,
-                                  long_captions=data_cfg.long_captions > 0)
-  from big_clip.data import loader
+    return embedded.sample_captions(n=60_000, seed=seed,
+                                    long_captions=data_cfg.long_captions > 0)
+  return files.read_captions(data_cfg)
 
-  return loader.caption_corpus(data_cfg)
+
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The run's text encoder: the LLM tower's tokenizer (or its embedding cache); else the
+  sentencepiece model of config.data.tokenizer.path, or the one trained in the workdir on
+  the source's captions at first use (one process trains it, the others wait and load it)."""
+  if config.model.text.kind == "llm" and config.model.text.llm.path:
+    return text_cache.for_llm(config.model, config.data.max_len)
+  trained = os.path.exists(workdir_lib.tokenizer_path(workdir))
+  corpus = lambda: caption_corpus(config.data, config.seed)
+  if jax.process_count() > 1 and not config.data.tokenizer.path and not trained:
+    if jax.process_index() == 0:
+      tokenizers.get_or_train(config.data.tokenizer, workdir, corpus, config.data.max_len)
+    multihost_utils.sync_global_devices("tokenizer")
+  tok = tokenizers.get_or_train(config.data.tokenizer, workdir, corpus, config.data.max_len)
+  if tok.vocab_size > config.model.text.vocab_size:
+    raise ValueError(f"The tokenizer has {tok.vocab_size} tokens but "
+                     f"config.model.text.vocab_size={config.model.text.vocab_size}; raise it "
+                     "to at least the tokenizer's size.")
+  return tok

@@ -23,13 +23,22 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
+
+from big_clip import sharding
+from big_clip.data import tokenizers
+# The one place where data reads a model: an LLM tower's tokenizer needs the LLM's config
+# (EOS id, vocabulary size, its pad id) and its cache needs the LLM to compute features.
+from big_clip.models import llm
+from big_clip.errors import UserError
 
 FORMAT = "big_clip.text_cache.v1"
 INDEX = "index.json"
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(UserError, ValueError):
   """The cache was made by another model, tokenizer, pooling or max_len."""
 
 
@@ -43,8 +52,6 @@ def _sha256(chunks: Iterable[bytes]) -> str:
 def cache_key(llm_path: str, pooling: str, max_len: int, dtype: str) -> dict[str, Any]:
   """What the cached features depend on. Weight files are identified by name and size, not
   content (hashing 16 GB per run would take minutes); a re-saved model changes config.json."""
-  from big_clip.models import llm
-
   files = sorted(set(llm.weight_files(llm_path).values()))
   with open(os.path.join(llm_path, llm.CONFIG_FILE), "rb") as f:
     config_bytes = f.read()
@@ -80,6 +87,32 @@ def write(cache_dir: str, captions: Sequence[str], features: np.ndarray, key: Ma
     json.dump(index, f, indent=1)
   os.replace(path + ".tmp", path)
   return path
+
+
+def llm_tokenizer(model_cfg: Any, max_len: int) -> tokenizers.HfTokenizer:
+  """The HfTokenizer of the LLM folder `config.model.text.llm.path` (EOS from config.json,
+  appended for pooling='eos'; padding with the tower's `llm.PAD_ID`)."""
+  llm_cfg = model_cfg.text.llm
+  spec = llm.LlmSpec.from_folder(llm_cfg.path)
+  tokenizer = tokenizers.HfTokenizer(os.path.join(llm_cfg.path, "tokenizer.json"), max_len,
+                                     pad_id=llm.PAD_ID, eos_id=spec.eos_id,
+                                     append_eos=llm_cfg.pooling == "eos")
+  if tokenizer.vocab_size > spec.vocab_size:
+    raise ValueError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the LLM's "
+                     f"config.json vocab_size is {spec.vocab_size}; they are from different "
+                     "models.")
+  return tokenizer
+
+
+def for_llm(model_cfg: Any, max_len: int) -> tokenizers.HfTokenizer | CachedFeatures:
+  """The text encoder of an LLM tower: its HfTokenizer, or (with `llm.cache_dir`) the
+  embedding cache, checked against the LLM folder, tokenizer, pooling, max_len and dtype."""
+  llm_cfg = model_cfg.text.llm
+  tokenizer = llm_tokenizer(model_cfg, max_len)
+  if llm_cfg.cache_dir:
+    return CachedFeatures(llm_cfg.cache_dir,
+                          cache_key(llm_cfg.path, llm_cfg.pooling, max_len, llm_cfg.dtype))
+  return tokenizer
 
 
 class CachedFeatures:
@@ -136,46 +169,19 @@ class CachedFeatures:
     return out
 
 
-def embedded_captions(languages: Sequence[str]) -> list[str]:
-  """Every caption the embedded dataset can draw in `languages`, and every zero-shot prompt
-  (so that training and the zero-shot eval both read from the cache)."""
-  from big_clip.data import sources
-
-  texts: dict[str, None] = {}
-  for lang in languages:
-    for shape in range(len(sources.SHAPES)):
-      for colour in range(len(sources.COLOURS)):
-        for size in range(len(sources.SIZES)):
-          for count in sources.COUNTS:
-            positions = range(len(sources.POSITIONS)) if count == 1 else [sources.NO_POSITION]
-            for position in positions:
-              attrs = dict(shape=shape, colour=colour, size=size, count=count,
-                           position=position)
-              texts.update(dict.fromkeys(sources.all_captions(attrs, lang)))
-    texts.update(dict.fromkeys(sources.zeroshot_prompts(lang)))
-  return list(texts)
-
-
 def compute_features(model_cfg: Any, captions: Sequence[str], max_len: int, mesh: Any,
                      batch_size: int = 256) -> np.ndarray:
   """float32 [N, hidden]: pooled features of the frozen LLM of `model_cfg.text.llm.path`,
   its weights sharded over `mesh` by the logical rules, captions over the batch axes."""
-  import jax
-  from flax import nnx
-
-  from big_clip import evaluate, sharding
-  from big_clip.data import tokenizers
-  from big_clip.models import llm
-
-  tokenizer = tokenizers.llm_tokenizer(model_cfg, max_len)
+  tokenizer = llm_tokenizer(model_cfg, max_len)
   make = lambda: llm.LlmTextTower(model_cfg, rngs=nnx.Rngs(params=0))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))
   with jax.set_mesh(mesh):
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=shardings)()
-    llm.load_pretrained(params["decoder"], model_cfg.text.llm.path, shardings["decoder"])
+    llm.load_weights(params["decoder"], model_cfg.text.llm.path, shardings["decoder"])
     features_fn = jax.jit(lambda p, t: nnx.merge(graphdef, p).features(t))
-    return evaluate.embed_batched(features_fn, params, tokenizer.encode(captions), mesh,
+    return sharding.embed_batched(features_fn, params, tokenizer.encode(captions), mesh,
                                   batch_size)
 
 

@@ -18,9 +18,13 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 from absl import logging
+from tokenizers import Tokenizer
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-_DEFAULT_FILE = os.path.join("tokenizer", "spm.model")
+from big_clip import workdir as workdir_lib
+
+# The ids of every sentencepiece model big_clip trains (CLIP text towers pool at EOS and
+# mask padding by id 0); an LLM tower's tokenizer pads with models.llm.PAD_ID instead.
+SPM_PAD_ID, SPM_UNK_ID, SPM_BOS_ID, SPM_EOS_ID = 0, 1, 2, 3
 
 
 def train_spm(texts: Iterable[str], model_path: str, vocab_size: int,
@@ -44,7 +48,7 @@ def train_spm(texts: Iterable[str], model_path: str, vocab_size: int,
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size,
         model_type="unigram", character_coverage=character_coverage, byte_fallback=True,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_id=SPM_PAD_ID, unk_id=SPM_UNK_ID, bos_id=SPM_BOS_ID, eos_id=SPM_EOS_ID,
         # NFKC folds full-width/compatibility forms (common in CJK text) to one spelling.
         normalization_rule_name="nmt_nfkc",
         hard_vocab_limit=False,  # vocab_size is a ceiling, see the docstring
@@ -87,10 +91,10 @@ class SpmTokenizer:
                        "set config.data.max_len >= 2.")
     self.model_path, self.max_len = model_path, max_len
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
-    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() < 0:
+    if self._sp.pad_id() != SPM_PAD_ID or self._sp.eos_id() < 0:
       raise ValueError(
           f"{model_path}: pad_id={self._sp.pad_id()}, eos_id={self._sp.eos_id()}; big_clip "
-          f"needs pad_id={PAD_ID} and an EOS id. Retrain it with big_clip.data.tokenizers."
+          f"needs pad_id={SPM_PAD_ID} and an EOS id. Retrain it with big_clip.data.tokenizers."
           "train_spm (or tools/train_spm.py).")
 
   @property
@@ -140,7 +144,7 @@ def get_or_train(tok_cfg: ml_collections.ConfigDict, workdir: str,
   if tok_cfg.path:
     logging.info("Tokenizer: loading %s", tok_cfg.path)
     return load(tok_cfg.path, max_len)
-  path = os.path.join(workdir, _DEFAULT_FILE)
+  path = workdir_lib.tokenizer_path(workdir)
   if os.path.exists(path):
     tokenizer = SpmTokenizer(path, max_len)
     logging.info("Tokenizer: reusing %s (%d pieces; delete it to retrain).", path,
@@ -158,9 +162,6 @@ def get_or_train(tok_cfg: ml_collections.ConfigDict, workdir: str,
 # ---------------------------------------------------------------------------------------------
 # Hugging Face tokenizers (LLM text towers, models/llm.py).
 # ---------------------------------------------------------------------------------------------
-HF_PAD_ID = -1  # no vocabulary has id -1, so padding is never mistaken for a token
-
-
 class HfTokenizer:
   """A Hugging Face `tokenizer.json` (CLIP's BPE, XLM-R's unigram, a Llama/Qwen tokenizer)
   behind SpmTokenizer's interface: `encode(texts)` -> int32 [N, max_len].
@@ -170,13 +171,11 @@ class HfTokenizer:
   the EOS id is appended after the cut instead (the 'eos' pooling of the LLM tower reads it).
   Padding is `pad_id`: by default the tokenizer's pad token (else 0), which a CLIP text tower
   embeds like any id (set config.model.text.pad_id / eos_id to match); the LLM tower passes
-  HF_PAD_ID (-1), so padding is never mistaken for a real token.
+  its own `models.llm.PAD_ID` (-1), so padding is never mistaken for a real token.
   """
 
   def __init__(self, path: str, max_len: int, *, pad_id: int | None = None,
                eos_id: int | None = None, append_eos: bool = False):
-    from tokenizers import Tokenizer
-
     if not os.path.exists(path):
       raise FileNotFoundError(f"No Hugging Face tokenizer at {path!r}; set "
                               "config.data.tokenizer.path (or the LLM folder of "
@@ -191,7 +190,7 @@ class HfTokenizer:
     if pad_id is None:
       pad = next((t for t in ("<pad>", "[PAD]", "<|pad|>") if self._tok.token_to_id(t)
                   is not None), None)
-      pad_id = self._tok.token_to_id(pad) if pad else PAD_ID
+      pad_id = self._tok.token_to_id(pad) if pad else SPM_PAD_ID
     if eos_id is None:
       eos = next((t for t in ("</s>", "<|endoftext|>", "[SEP]", "<eos>")
                   if self._tok.token_to_id(t) is not None), None)
@@ -234,34 +233,3 @@ class HfTokenizer:
     if ids.ndim == 2:
       return [self.decode(row) for row in ids]
     return self._tok.decode([int(i) for i in ids if i != self._pad_id])
-
-
-def llm_tokenizer(model_cfg: ml_collections.ConfigDict, max_len: int) -> HfTokenizer:
-  """The HfTokenizer of the LLM folder `config.model.text.llm.path` (EOS from config.json,
-  appended for pooling='eos')."""
-  from big_clip.models import llm
-
-  llm_cfg = model_cfg.text.llm
-  spec = llm.LlmSpec.from_folder(llm_cfg.path)
-  tokenizer = HfTokenizer(os.path.join(llm_cfg.path, "tokenizer.json"), max_len,
-                          pad_id=HF_PAD_ID, eos_id=spec.eos_id,
-                          append_eos=llm_cfg.pooling == "eos")
-  if tokenizer.vocab_size > spec.vocab_size:
-    raise ValueError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the LLM's "
-                     f"config.json vocab_size is {spec.vocab_size}; they are from different "
-                     "models.")
-  return tokenizer
-
-
-def for_llm(model_cfg: ml_collections.ConfigDict, max_len: int):
-  """The text encoder of an LLM tower: its HfTokenizer, or (with `llm.cache_dir`) the
-  embedding cache, checked against the LLM folder, tokenizer, pooling, max_len and dtype."""
-  llm_cfg = model_cfg.text.llm
-  tokenizer = llm_tokenizer(model_cfg, max_len)
-  if llm_cfg.cache_dir:
-    from big_clip.data import text_cache
-
-    return text_cache.CachedFeatures(
-        llm_cfg.cache_dir,
-        text_cache.cache_key(llm_cfg.path, llm_cfg.pooling, max_len, llm_cfg.dtype))
-  return tokenizer

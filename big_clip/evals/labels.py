@@ -20,12 +20,14 @@ from collections.abc import Mapping, Sequence
 
 from absl import logging
 
+from big_clip.errors import UserError
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_TEMPLATES = os.path.join(DATA_DIR, "openai_imagenet_templates.json")
 FALLBACK_LANGUAGE = "en"
 
 
-class LabelFileError(ValueError):
+class LabelFileError(UserError, ValueError):
   """A class-name, template or group file that does not fit the format or the dataset."""
 
 

@@ -2,7 +2,10 @@
 
     TASK:SOURCE[,key=value...]
 
-TASK is `zeroshot` (classification) or `retrieval`. SOURCE is one of
+TASK names an evaluator: the module `big_clip/evals/<TASK>.py`, whose class `Evaluator`
+declares the sources it reads (`SOURCES`) and the options it takes (`OPTIONS`); adding an
+evaluator is adding such a file. Shipped: `zeroshot` (classification), `retrieval`
+(image <-> text) and `long_captions` (image <-> long caption, Long-CLIP). SOURCE is one of
 
     embedded[:TASK]          the embedded synthetic data (zeroshot; colour / shape, or all of
                              config.eval.zeroshot_tasks when no task is named)
@@ -17,23 +20,23 @@ limit=N (the first N images), name=NAME (the dataset name in the results).
 
     zeroshot:tfds:cifar10:test,data_dir=/data/tfds,classnames=cifar10_classnames.json
     retrieval:manifest:/data/flickr8k_multi30k/manifest.json:test,languages=en+de
-
-This module imports nothing heavy: `config.validate()` parses every spec of `config.evals`.
+    long_captions:embedded,limit=200
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
+from typing import Any
 
-TASKS = ("zeroshot", "retrieval")
+from big_clip import evals as evals_package
+from big_clip.errors import UserError
+
 SOURCE_KINDS = ("embedded", "manifest", "tfds", "folder")
-# Which task may read which source (retrieval needs captions: only manifests have them).
-ALLOWED = {"zeroshot": SOURCE_KINDS, "retrieval": ("manifest",)}
-OPTIONS = ("classnames", "templates", "groups", "languages", "data_dir", "limit", "name")
-_RETRIEVAL_OPTIONS = ("languages", "limit", "name")
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
   """An eval spec string that does not follow the grammar above."""
 
 
@@ -64,23 +67,44 @@ def _split_location(rest: str) -> tuple[str, str | None]:
   return rest, None
 
 
+def evaluator(task: str) -> Any:
+  """The `Evaluator` class of `big_clip/evals/<task>.py`; SpecError for an unknown task."""
+  try:
+    module = (importlib.import_module(f"big_clip.evals.{task}")
+              if task.isidentifier() else None)
+  except ModuleNotFoundError:
+    module = None
+  if module is None or not hasattr(module, "Evaluator"):
+    raise SpecError(f"unknown task {task!r}; allowed: {', '.join(tasks())}")
+  return module.Evaluator
+
+
+def tasks() -> list[str]:
+  """Every evaluator module of big_clip/evals/ (those that define `Evaluator`)."""
+  names = [m.name for m in pkgutil.iter_modules(evals_package.__path__)]
+  return [n for n in names
+          if hasattr(importlib.import_module(f"big_clip.evals.{n}"), "Evaluator")]
+
+
 def parse(text: str) -> EvalSpec:
   """Parses one spec; raises SpecError naming the spec and what is allowed."""
   if not isinstance(text, str):
     raise SpecError(f"eval spec {text!r} must be a string like 'zeroshot:embedded:colour'.")
   body, *option_parts = text.split(",")
   task, _, source = body.partition(":")
-  if task not in TASKS:
-    raise SpecError(f"eval spec {text!r}: unknown task {task!r}; allowed: {', '.join(TASKS)} "
-                    "(e.g. 'zeroshot:embedded:colour', 'retrieval:manifest:PATH:test').")
+  try:
+    cls = evaluator(task)
+  except SpecError as e:
+    raise SpecError(f"eval spec {text!r}: {e} (e.g. 'zeroshot:embedded:colour', "
+                    "'retrieval:manifest:PATH:test').") from None
   kind, _, rest = source.partition(":")
-  if kind not in ALLOWED[task]:
+  if kind not in cls.SOURCES:
     raise SpecError(f"eval spec {text!r}: source {kind!r} is not allowed for {task}; allowed: "
-                    f"{', '.join(k + ':...' for k in ALLOWED[task])}.")
+                    f"{', '.join(k + ':...' for k in cls.SOURCES)}.")
   options = {}
   for part in option_parts:
     key, eq, value = part.partition("=")
-    allowed = _RETRIEVAL_OPTIONS if task == "retrieval" else OPTIONS
+    allowed = cls.OPTIONS
     if not eq or key not in allowed or not value:
       raise SpecError(f"eval spec {text!r}: bad option {part!r}; options are key=value with "
                       f"key in {', '.join(allowed)}.")

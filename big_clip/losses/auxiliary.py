@@ -1,4 +1,4 @@
-"""Loss terms added to the contrastive loss by config (issue 8): Long-CLIP's short-caption
+"""Loss terms added to the contrastive loss by config: Long-CLIP's short-caption
 term (`config.loss.long_clip`, losses/long_clip.py), distillation from a frozen teacher
 (`config.loss.distill`, losses/distill.py) and the caption-pair term
 (`config.loss.text_pair_weight`). The train step calls `make(config)` once.
@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from big_clip import losses
+from big_clip.losses import distill, long_clip
 
 TEACHER_KEYS = ("teacher_image", "teacher_text")
 
@@ -49,7 +50,6 @@ def make(config: ml_collections.ConfigDict
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
     out, parts = contrastive, {"loss/contrastive": contrastive}
     if lc.enabled:  # Long-CLIP §3.2: 'text' holds long captions, 'text_short' short ones
-      from big_clip.losses import long_clip
       parts["loss/short_caption"] = long_clip.short_caption_loss(
           img_emb, model.encode_text(batch["text_short"]), scale, bias,
           num_components=int(lc.num_components), base_loss=base_loss, mesh=mesh)
@@ -59,7 +59,6 @@ def make(config: ml_collections.ConfigDict
                                           scale, bias, mesh=mesh)
       out = out + pair_weight * parts["loss/text_pair"]
     if dist.enabled:
-      from big_clip.losses import distill
       parts["loss/distill"] = distill.loss(
           img_emb, txt_emb, batch["teacher_image"], batch["teacher_text"],
           feature=dist.feature, feature_weight=float(dist.feature_weight),

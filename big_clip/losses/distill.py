@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from big_clip import losses
+from big_clip.losses import shared
 from big_clip.sharding import BATCH_AXES
 
 FEATURES = ("cosine", "mse")
@@ -56,8 +56,8 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, teacher_img: jax.Array,
   if temperature <= 0:
     raise ValueError(f"distill loss: temperature={temperature} must be > 0 "
                      "(config.loss.distill.temperature).")
-  losses.check_inputs("distill", img_emb, txt_emb, 1.0, None, mesh)
-  losses.check_inputs("distill", teacher_img, teacher_txt, 1.0, None, mesh)
+  shared.check_inputs("distill", img_emb, txt_emb, 1.0, None, mesh)
+  shared.check_inputs("distill", teacher_img, teacher_txt, 1.0, None, mesh)
   if feature_weight and teacher_img.shape != img_emb.shape:
     raise ValueError(f"distill loss: the feature term needs teacher embeddings of the "
                      f"student's shape {img_emb.shape}, got {teacher_img.shape}; match "
@@ -72,10 +72,10 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, teacher_img: jax.Array,
                          inv_tau=1.0 / float(temperature), exchange=exchange)
 
   if mesh is None:
-    out = body(*student, *teacher, exchange=losses.Exchange(None))
+    out = body(*student, *teacher, exchange=shared.Exchange(None))
   else:
     block = P(BATCH_AXES, None)
-    exchange = losses.Exchange(BATCH_AXES)
+    exchange = shared.Exchange(BATCH_AXES)
     out = jax.shard_map(lambda *a: body(*a, exchange=exchange), mesh=mesh,
                         in_specs=(block,) * 4, out_specs=P())(*student, *teacher)
   chex.assert_shape(out, ())
@@ -99,7 +99,7 @@ def _kl_rows_sum(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Ar
 
 
 def _summed_terms(s_img, s_txt, t_img, t_txt, *, feature, feature_weight, kl_weight, inv_tau,
-                  exchange: losses.Exchange):
+                  exchange: shared.Exchange):
   """The loss from one device's `[b, D]` blocks, exchanged over all batch devices."""
   gather = exchange.all_gather
   global_batch = s_img.shape[0] * exchange.size
@@ -108,7 +108,7 @@ def _summed_terms(s_img, s_txt, t_img, t_txt, *, feature, feature_weight, kl_wei
     feat = 0.5 * (_feature_sum(s_img, t_img, feature) + _feature_sum(s_txt, t_txt, feature))
     total += feature_weight * feat
   if kl_weight:
-    block = lambda a, b: losses.logits_block(a, b, jnp.float32(inv_tau), jnp.float32(0.0))
+    block = lambda a, b: shared.logits_block(a, b, jnp.float32(inv_tau), jnp.float32(0.0))
     rows = _kl_rows_sum(block(t_img, gather(t_txt)), block(s_img, gather(s_txt)))  # i -> t
     cols = _kl_rows_sum(block(t_txt, gather(t_img)), block(s_txt, gather(s_img)))  # t -> i
     total += kl_weight * 0.5 * (rows + cols)

@@ -11,7 +11,7 @@ fewer negatives per example (each group is one contrastive batch). With
 `group_size` = all devices it is exactly the global softmax / sigmoid loss.
 
 The per-group computation *is* softmax.py / sigmoid.py: their shard_map bodies take the
-group as their exchange domain (`losses.Exchange`), so there is one implementation of each.
+group as their exchange domain (`shared.Exchange`), so there is one implementation of each.
 """
 
 from __future__ import annotations

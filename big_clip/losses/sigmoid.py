@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from big_clip import losses
+from big_clip.losses import shared
 
 
 def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *,
@@ -42,14 +42,14 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array, bias: jax.Arr
   """
   if bias is None:
     raise ValueError("sigmoid loss: bias is required (SigLIP learns it; init -10).")
-  losses.check_inputs("sigmoid", img_emb, txt_emb, scale, bias, mesh)
-  return losses.on_batch_shards(_ring_sum, mesh,
-                                *losses.as_float32(img_emb, txt_emb, scale, bias),
+  shared.check_inputs("sigmoid", img_emb, txt_emb, scale, bias, mesh)
+  return shared.on_batch_shards(_ring_sum, mesh,
+                                *shared.as_float32(img_emb, txt_emb, scale, bias),
                                 group_size=group_size)
 
 
 def _ring_sum(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array, *,
-              exchange: losses.Exchange) -> jax.Array:
+              exchange: shared.Exchange) -> jax.Array:
   """The loss from one device's `[b, D]` blocks, over the devices of its `exchange` group;
   summed over groups."""
 
@@ -57,7 +57,7 @@ def _ring_sum(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
   # of the scan stacking all n_shards blocks (b x B floats, the softmax loss's footprint).
   @jax.checkpoint
   def block_loss(txt_block: jax.Array, labels: jax.Array) -> jax.Array:
-    logits = losses.logits_block(img, txt_block, scale, bias)  # [b, b]
+    logits = shared.logits_block(img, txt_block, scale, bias)  # [b, b]
     chex.assert_shape(logits, (img.shape[0], txt_block.shape[0]))
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from big_clip import losses
+from big_clip.losses import shared
 
 # Keys per block of `row_logsumexp`: a device holds `[b, KEY_CHUNK]` logits at a time, not
 # `[b, B]`, so its memory stops growing with the global batch B (benchmarks/loss_memory.py).
@@ -45,16 +45,16 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
   Returns:
     The float32 scalar loss, replicated.
   """
-  losses.check_inputs("softmax", img_emb, txt_emb, scale, bias, mesh)
+  shared.check_inputs("softmax", img_emb, txt_emb, scale, bias, mesh)
   # The bias cancels inside every cross-entropy: leave it out of the computation, so its
   # gradient is exactly 0 (not float32 rounding noise) and a model's logit_bias stays put.
-  return losses.on_batch_shards(_summed_cross_entropies, mesh,
-                                *losses.as_float32(img_emb, txt_emb, scale, None),
+  return shared.on_batch_shards(_summed_cross_entropies, mesh,
+                                *shared.as_float32(img_emb, txt_emb, scale, None),
                                 group_size=group_size)
 
 
 def _summed_cross_entropies(img: jax.Array, txt: jax.Array, scale: jax.Array,
-                            bias: jax.Array, *, exchange: losses.Exchange) -> jax.Array:
+                            bias: jax.Array, *, exchange: shared.Exchange) -> jax.Array:
   """The loss from one device's `[b, D]` blocks, over the devices of its `exchange` group;
   summed over groups."""
   # Gathering the features (B x D) is far cheaper than gathering logits (B x B). The
@@ -88,12 +88,12 @@ def row_logsumexp(queries: jax.Array, keys: jax.Array, scale: jax.Array,
   """
   n_keys, chunk = keys.shape[0], KEY_CHUNK
   if n_keys <= chunk:
-    return jax.nn.logsumexp(losses.logits_block(queries, keys, scale, bias), axis=-1)
+    return jax.nn.logsumexp(shared.logits_block(queries, keys, scale, bias), axis=-1)
 
   def update(carry, block):
     running_max, total = carry
     keys_c, valid_c = block
-    z = jnp.where(valid_c, losses.logits_block(queries, keys_c, scale, bias), -jnp.inf)
+    z = jnp.where(valid_c, shared.logits_block(queries, keys_c, scale, bias), -jnp.inf)
     new_max = jax.lax.stop_gradient(jnp.maximum(running_max, jnp.max(z, axis=-1)))
     total = (total * jnp.exp(running_max - new_max)
              + jnp.sum(jnp.exp(z - new_max[:, None]), axis=-1))
@@ -101,7 +101,7 @@ def row_logsumexp(queries: jax.Array, keys: jax.Array, scale: jax.Array,
 
   # The first block starts the running values (it has no padding: n_keys > chunk); computed
   # from the queries, the carry is per-device data inside shard_map, as the scan needs.
-  first = losses.logits_block(queries, keys[:chunk], scale, bias)
+  first = shared.logits_block(queries, keys[:chunk], scale, bias)
   start_max = jax.lax.stop_gradient(jnp.max(first, axis=-1))
   start = (start_max, jnp.sum(jnp.exp(first - start_max[:, None]), axis=-1))
   rest = n_keys - chunk

@@ -1,105 +1,169 @@
-"""Fitting loaded parameters to the model being built: a checkpoint or an imported model whose
-text positional table is shorter than `config.model.text.max_len` gets it stretched
-(Long-CLIP, Zhang et al. 2024, §3.1); every other tensor must already have its shape.
+"""Loaded parameters made to fit the model being built: the one gate every loader passes
+(`init_from=hf:/open_clip:/big_clip:`, `--import`, distillation teachers).
 
-`fit_loaded_params` is the one place that decides this, for every loader:
-  * `warm_start('big_clip:WORKDIR[:STEP]', ...)` below (`config.init_from`),
-  * the PyTorch / Hugging Face import path (`big_clip.export`), which calls it on the flat
-    dict it converted before placing the arrays.
+`import_params` checks a per-layer flat dict against the model's parameters (every tensor
+present, each of the model's shape, the error naming the tensor and where it came from),
+stretches a shorter text positional table to `max_len` (Long-CLIP, Zhang et al. 2024, §3.1)
+and returns it in the model's layout (scanned or per-layer). `load_big_clip` reads another
+big_clip run through it; the Hugging Face / open_clip importers in `big_clip.convert` call it
+on the tensors they converted.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from big_clip.models import text
+from big_clip import checkpoints, sharding
+from big_clip import config as config_lib
+from big_clip import workdir as workdir_lib
+from big_clip.models import layers, text, two_tower
+from big_clip.errors import UserError
 
-Path = tuple[Any, ...]  # a flat parameter path, e.g. ('text', 'positional_embedding')
-# The text positional table is a plain Param of the text tower: never inside the
-# (possibly scanned) `blocks`, so its path and [max_len, width] layout are the same with
-# and without config.model.scan_layers.
-POSITIONAL_TABLE: Path = ("text", "positional_embedding")
 BIG_CLIP_PREFIX = "big_clip:"
+POSITIONAL_TABLE = "text.positional_embedding"  # never inside the (scanned) blocks
 
 
-def _name(path: Path | str) -> str:
-  return path if isinstance(path, str) else ".".join(str(p) for p in path)
+class ImportMismatchError(UserError, ValueError):
+  """Pretrained weights that do not fit the model: names the tensor, its shape and the
+  expected shape (or the config setting and its value)."""
 
 
-def fit_loaded_params(flat_params: Mapping[Path, np.ndarray],
-                      expected_shapes: Mapping[Path, tuple[int, ...]],
-                      model_cfg: Any) -> dict[Path, np.ndarray]:
-  """`flat_params` with the text positional table stretched to `model_cfg.text.max_len`.
-
-  Args:
-    flat_params: loaded arrays by flat path (tuples; dotted strings also accepted).
-    expected_shapes: the model's shape for every path (e.g. from `jax.eval_shape`); the
-      same keys as `flat_params`.
-    model_cfg: `config.model`; `text.max_len` is the target length.
-
-  Returns:
-    A new dict keyed as `expected_shapes`: the positional table stretched when it is shorter than
-    `max_len` (`text.stretch_positional_embedding`, first 20 rows kept), every other array
-    unchanged (the same object).
-
-  Raises:
-    ValueError naming the tensor when a path is missing or extra, when a shape other than
-    the positional table's length differs, or when the table is longer than `max_len`.
-  """
-  # Matched by dotted name: a restored checkpoint spells layer indices as strings ('0'),
-  # a live nnx state as ints (0).
-  loaded = {_name(k): k for k in flat_params}
-  wanted = {_name(k): tuple(v) for k, v in expected_shapes.items()}
-  wanted_keys = {_name(k): k for k in expected_shapes}
-  missing, extra = sorted(set(wanted) - set(loaded)), sorted(set(loaded) - set(wanted))
-  if missing or extra:
-    raise ValueError(f"The loaded parameters do not match the model: missing {missing[:8]}, "
-                     f"unexpected {extra[:8]}. Check that config.model (towers, "
-                     "scan_layers) describes the checkpoint's architecture.")
-  table_name, max_len = _name(POSITIONAL_TABLE), int(model_cfg.text.max_len)
+# ---------------------------------------------------------------------------------------------
+# Flat views of a parameter tree.
+# ---------------------------------------------------------------------------------------------
+def flatten(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dict (nnx pure dict) -> {'a.b.0.c': leaf}."""
   out = {}
-  for name, key in loaded.items():
-    value, shape = flat_params[key], wanted[name]
-    if name == table_name and np.shape(value) != shape:
-      value = _fit_positional_table(np.asarray(value), shape, max_len)
-    elif np.shape(value) != shape:
-      raise ValueError(f"Loaded tensor {name} has shape {np.shape(value)} but the model "
-                       f"expects {shape}; only {table_name} may differ (in length).")
-    out[wanted_keys[name]] = value
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten(value, path + "."))
+    else:
+      out[path] = value
   return out
 
 
-def _fit_positional_table(table: np.ndarray, shape: tuple[int, ...],
-                          max_len: int) -> np.ndarray:
-  name = _name(POSITIONAL_TABLE)
-  if table.ndim != 2 or table.shape[1:] != shape[1:]:
-    raise ValueError(f"Loaded tensor {name} has shape {table.shape} but the model expects "
-                     f"{shape}: the text width differs, which stretching cannot fix.")
-  if table.shape[0] > max_len:
-    raise ValueError(f"Loaded tensor {name} has {table.shape[0]} positions, more than "
-                     f"config.model.text.max_len={max_len}; set max_len to at least "
-                     f"{table.shape[0]} (positions are stretched, never cut).")
-  logging.info("Long-CLIP: stretching %s from %d to %d positions (first %d kept).", name,
-               table.shape[0], max_len, text.LONG_CLIP_KEEP)
-  return text.stretch_positional_embedding(table, max_len)
+def unflatten(flat: Mapping[str, Any]) -> dict[Any, Any]:
+  """{'a.b.0.c': leaf} -> nested dict; numeric parts become int keys (nnx.List indices)."""
+  tree: dict[Any, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = [int(p) if p.isdigit() else p for p in path.split(".")]
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
 
 
-# ---------------------------------------------------------------------------------------
-# Warm start from a big_clip workdir.
-# ---------------------------------------------------------------------------------------
+def _as_tuples(flat: Mapping[str, Any]) -> dict[tuple[Any, ...], Any]:
+  return {tuple(int(p) if p.isdigit() else p for p in k.split(".")): v for k, v in flat.items()}
+
+
+def _as_dotted(flat: Mapping[tuple[Any, ...], Any]) -> dict[str, Any]:
+  return {".".join(str(p) for p in k): v for k, v in flat.items()}
+
+
+def per_layer(flat: Mapping[str, Any], take: Callable[[Any, int], Any] | None = None
+              ) -> dict[str, Any]:
+  """Dotted paths in the scanned layout -> the per-layer layout (`layers.unstack_flat`)."""
+  return _as_dotted(layers.unstack_flat(_as_tuples(flat), take))
+
+
+def flat_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Model params (nnx pure dict, scanned or not) -> per-layer float32 NumPy arrays."""
+  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flatten(params).items()}
+  return per_layer(flat)
+
+
+def abstract_flat(model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  """The model's parameters as flat {dotted path: ShapeDtypeStruct}, in its own layout."""
+  return flatten(two_tower.abstract_params(model_cfg)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate.
+# ---------------------------------------------------------------------------------------------
+def import_params(flat: Mapping[str, np.ndarray], model_cfg: Any, *,
+                  origin: Mapping[str, str] | None = None, source: str = "imported weights"
+                  ) -> dict[str, Any]:
+  """Checks per-layer params `flat` against the model `model_cfg` builds and returns them as
+  the model's pure dict (scanned if `model_cfg.scan_layers`), NumPy, in `param_dtype`.
+
+  Every tensor must be present with the model's shape; the error names the tensor (and the
+  source tensor it came from), its shape and the expected shape. Only the text positional
+  table may be shorter than the model's: it is stretched (Long-CLIP §3.1), never cut.
+  """
+  abstract = abstract_flat(model_cfg)
+  expected = per_layer(abstract, take=lambda a, i: jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
+  origin = origin or {}
+
+  def name(path: str) -> str:
+    return f"{path} (from {origin[path]})" if path in origin else path
+
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  if missing or unexpected:
+    raise ImportMismatchError(
+        f"{source}: "
+        + "; ".join(([f"missing tensor(s) {missing[:8]}"] if missing else [])
+                    + ([f"unexpected tensor(s) {[name(k) for k in unexpected[:8]]}"]
+                       if unexpected else []))
+        + ". The model config (towers, widths, scan_layers) does not describe this "
+        "checkpoint.")
+  pos = POSITIONAL_TABLE
+  have, want = np.shape(flat[pos]), tuple(expected[pos].shape)
+  if have[-1:] == want[-1:] and have[0] < want[0]:
+    logging.info("%s: stretching %s from %d to %d positions (Long-CLIP, first %d kept).",
+                 source, pos, have[0], want[0], text.LONG_CLIP_KEEP)
+    flat = {**flat, pos: text.stretch_positional_embedding(np.asarray(flat[pos]), want[0])}
+  elif have[-1:] == want[-1:] and have[0] > want[0]:
+    raise ImportMismatchError(
+        f"{source}: {name(pos)} has {have[0]} positions but config.model.text."
+        f"max_len={want[0]}; positional stretching (Long-CLIP) only lengthens a table, it "
+        f"never cuts one. Set config.model.text.max_len >= {have[0]}.")
+  for path in sorted(expected):
+    got, shape = tuple(np.shape(flat[path])), tuple(expected[path].shape)
+    if got != shape:
+      raise ImportMismatchError(f"{source}: tensor {name(path)} has shape {got}; the model "
+                                f"expects {shape}. Check the widths/sizes in config.model.")
+  out = {k: np.asarray(flat[k]).astype(expected[k].dtype) for k in expected}
+  stacked = {k for k in abstract if k not in expected}  # the scanned paths of the model
+  if stacked:
+    out = _as_dotted(layers.stack_flat(_as_tuples(out)))
+  return unflatten(out)
+
+
+def check_architecture(derived: Mapping[str, Any], model: Any, source: str,
+                       prefix: str = "config.model") -> None:
+  """Settings of `model` (the user's config) that differ from the checkpoint's `derived`
+  values: a different function even where every tensor shape matches."""
+  skip = {"max_len", "logit_scale_init", "logit_bias_init", "logit_scale_max", "pad_id",
+          "dtype", "param_dtype", "remat", "scan_layers"}
+  for key, want in derived.items():
+    if key in skip or (key == "eos_id" and derived.get("pool") != "eos") or key not in model:
+      continue
+    if isinstance(want, Mapping):
+      check_architecture(want, model[key], source, f"{prefix}.{key}")
+    elif model[key] != want and not (isinstance(want, float) and np.isclose(model[key], want)):
+      raise ImportMismatchError(f"{source}: the checkpoint needs {prefix}.{key}={want!r}, the "
+                                f"config has {model[key]!r}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Another big_clip run.
+# ---------------------------------------------------------------------------------------------
 def parse_big_clip_spec(spec: str) -> tuple[str, int | None]:
   """'big_clip:WORKDIR[:STEP]' -> (WORKDIR, STEP or None for the latest)."""
   if not spec.startswith(BIG_CLIP_PREFIX):
-    raise ValueError(f"config.init_from={spec!r} must look like "
-                     "'big_clip:WORKDIR' or 'big_clip:WORKDIR:STEP'.")
+    raise ValueError(f"{spec!r} must look like 'big_clip:WORKDIR' or 'big_clip:WORKDIR:STEP'.")
   rest = spec[len(BIG_CLIP_PREFIX):]
   head, _, tail = rest.rpartition(":")
   if head and tail.isdigit():
@@ -107,67 +171,53 @@ def parse_big_clip_spec(spec: str) -> tuple[str, int | None]:
   return rest, None
 
 
-def read_checkpoint_params(workdir: str, step: int | None) -> tuple[int, dict[Path, np.ndarray]]:
-  """(step, flat numpy params) of a big_clip run, at the shapes it was saved with."""
-  directory = os.path.join(workdir, "checkpoints")
-  if "://" not in directory:
-    directory = os.path.abspath(directory)
-  mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "data": ocp.JsonCheckpointHandler()})
-  step = mngr.latest_step() if step is None else step
-  if step is None or step not in mngr.all_steps():
-    raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {directory} "
-                            f"(steps: {list(mngr.all_steps())}); train that run first or "
-                            "fix the step in 'big_clip:WORKDIR:STEP'.")
-  meta = mngr.item_metadata(step)["state"]
-  meta = getattr(meta, "tree", meta)["params"]  # saved shapes and dtypes
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          meta)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": abstract}, partial_restore=True,
-      restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding,
-                                                               dtype=a.dtype),
-                                {"params": abstract}))))
-  mngr.close()
-  params = restored["state"]["params"]
-  flat = {path: np.asarray(v) for path, v in nnx.traversals.flatten_mapping(params).items()}
-  return step, flat
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """A run's config.json merged into the schema, unvalidated: loaders read only its `model`
+  (and a teacher its image size), which a partial or older config.json still describes."""
+  return config_lib.load_json(workdir_lib.config_path(workdir), check=False)
 
 
 def check_same_tokenizer(workdir: str, tokenizer_path: str) -> None:
   """The embeddings are tied to token ids: refuse a run whose tokenizer differs."""
-  source = os.path.join(workdir, "tokenizer", "spm.model")
-  if "://" in source or not os.path.exists(source):
-    logging.warning("Warm start: %s has no local tokenizer/spm.model; make sure "
+  source = workdir_lib.tokenizer_path(workdir)
+  if workdir_lib.is_remote(source) or not os.path.exists(source):
+    logging.warning("%s has no local tokenizer/spm.model; make sure "
                     "config.data.tokenizer.path is the tokenizer that run used.", workdir)
     return
   with open(source, "rb") as a, open(tokenizer_path, "rb") as b:
     if a.read() != b.read():
-      raise ValueError(f"The warm-start run {workdir} used the tokenizer {source}, but this "
-                       f"run uses {tokenizer_path}; token ids would not match its embeddings. "
+      raise ValueError(f"The run {workdir} used the tokenizer {source}, but this run uses "
+                       f"{tokenizer_path}; token ids would not match its embeddings. "
                        f"Set config.data.tokenizer.path={source!r}.")
 
 
-def warm_start(spec: str, model_cfg: Any, params: Any, tokenizer_path: str | None = None) -> Any:
-  """`params` (pure dict of sharded arrays) replaced by a big_clip checkpoint's parameters,
-  fitted by `fit_loaded_params` and placed in the same shardings.
+def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
+                  ) -> tuple[int, dict[str, Any]]:
+  """(step, params) of another run, `spec` = 'big_clip:WORKDIR[:STEP]', fitted to `model_cfg`
+  by `import_params` (NumPy, the model's layout).
 
-  `spec` is 'big_clip:WORKDIR[:STEP]'. The optimizer state is not loaded: a fine-tune
-  starts with fresh Adam moments and its own schedule.
+  Checks, in order: the tokenizer file is the same (when `tokenizer_path` is given), the
+  run's architecture settings equal `model_cfg`'s, every tensor fits.
   """
   workdir, step = parse_big_clip_spec(spec)
   if tokenizer_path is not None:
     check_same_tokenizer(workdir, tokenizer_path)
-  step, flat = read_checkpoint_params(workdir, step)
-  targets = nnx.traversals.flatten_mapping(params)
-  fitted = fit_loaded_params(flat, {k: v.shape for k, v in targets.items()}, model_cfg)
-  placed = {}
-  for path, target in targets.items():
-    value = fitted[path].astype(target.dtype)
-    placed[path] = jax.make_array_from_callback(target.shape, target.sharding,
-                                                lambda index, v=value: v[index])
-  logging.info("Warm start: loaded %d tensors of step %d from %s.", len(placed), step, workdir)
-  return nnx.traversals.unflatten_mapping(placed)
+  check_architecture(run_config(workdir).model.to_dict(), model_cfg, workdir)
+  step, flat = checkpoints.read_params(workdir_lib.checkpoints_dir(workdir), step)
+  per_layer_flat = per_layer(_as_dotted(flat))
+  params = import_params(per_layer_flat, model_cfg, source=f"{workdir} checkpoint {step}")
+  logging.info("Loaded %d tensors of step %d from %s.", len(per_layer_flat), step, workdir)
+  return step, params
+
+
+def read_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+             ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, params, step) of a run's own checkpoint (newest unless `step`), the params
+  restored in the run's layout, sharded over `mesh` (default: all devices, data parallel)."""
+  config = config_lib.load_json(workdir_lib.config_path(workdir))
+  mesh = mesh or sharding.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
+  _, abstract, shardings = two_tower.abstract_params(config.model, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  step, params = checkpoints.read_params(workdir_lib.checkpoints_dir(workdir), step, target)
+  return config, params, step

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from big_clip import sharding
@@ -81,7 +82,7 @@ class TransformerConfig:
         dtype=DTYPES[choose(model_cfg.dtype, DTYPES, "config.model.dtype")],
         param_dtype=DTYPES[choose(model_cfg.param_dtype, DTYPES, "config.model.param_dtype")],
         remat=bool(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers),
-        ln_eps=float(model_cfg.get("ln_eps", 1e-5)))
+        ln_eps=float(model_cfg.ln_eps))
 
 
 def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int],
@@ -227,34 +228,50 @@ def _blocks_index(path: tuple[Any, ...]) -> int | None:
   return None
 
 
-def stack_layers(state: nnx.State) -> nnx.State:
-  """Per-layer params (`blocks.<i>.x`) -> the scanned layout (`blocks.x`, stacked on axis 0).
-
-  Pure data conversion (checkpoint conversion, export, tests): arrays only, no metadata.
-  """
+def stack_flat(flat: Mapping[tuple[Any, ...], Any]) -> dict[tuple[Any, ...], Any]:
+  """Flat per-layer params (`(..., 'blocks', i, ...)`) -> the scanned layout (`(...,
+  'blocks', ...)`, stacked on axis 0); other paths unchanged. The one layout converter:
+  checkpoints, imports, export and tests go through it and `unstack_flat`."""
   groups: dict[tuple[Any, ...], dict[int, Any]] = {}
   out: dict[tuple[Any, ...], Any] = {}
-  for path, value in nnx.to_flat_state(state):
-    value = value[...] if isinstance(value, nnx.Variable) else value
+  for path, value in flat.items():
     i = _blocks_index(path)
     if i is None:
       out[path] = value
     else:
       groups.setdefault(path[:i] + path[i + 1:], {})[path[i]] = value
-  for path, layers in groups.items():
-    out[path] = jnp.stack([layers[i] for i in range(len(layers))])
-  return nnx.State.from_flat_path(out)
+  for path, per_layer in groups.items():
+    stack = np.stack if all(isinstance(v, np.ndarray) for v in per_layer.values()) else jnp.stack
+    out[path] = stack([per_layer[i] for i in range(len(per_layer))])
+  return out
+
+
+def unstack_flat(flat: Mapping[tuple[Any, ...], Any],
+                 take: Callable[[Any, int], Any] | None = None) -> dict[tuple[Any, ...], Any]:
+  """The scanned layout (`(..., 'blocks', ...)` stacked on axis 0) -> per-layer params;
+  `take(value, i)` reads layer i (default `value[i]`; e.g. a shape for abstract values)."""
+  take = take or (lambda x, i: x[i])
+  out: dict[tuple[Any, ...], Any] = {}
+  for path, value in flat.items():
+    if "blocks" in path and _blocks_index(path) is None:
+      i = path.index("blocks") + 1
+      for layer in range(value.shape[0]):
+        out[path[:i] + (layer,) + path[i:]] = take(value, layer)
+    else:
+      out[path] = value
+  return out
+
+
+def _arrays(state: nnx.State) -> dict[tuple[Any, ...], Any]:
+  return {path: value[...] if isinstance(value, nnx.Variable) else value
+          for path, value in nnx.to_flat_state(state)}
+
+
+def stack_layers(state: nnx.State) -> nnx.State:
+  """Per-layer params (`blocks.<i>.x`) -> the scanned layout, as an nnx.State of arrays."""
+  return nnx.State.from_flat_path(stack_flat(_arrays(state)))
 
 
 def unstack_layers(state: nnx.State) -> nnx.State:
-  """The scanned layout (`blocks.x` stacked on axis 0) -> per-layer params (`blocks.<i>.x`)."""
-  out: dict[tuple[Any, ...], Any] = {}
-  for path, value in nnx.to_flat_state(state):
-    value = value[...] if isinstance(value, nnx.Variable) else value
-    if "blocks" in path and _blocks_index(path) is None:
-      i = path.index("blocks") + 1
-      for layer, v in enumerate(value):
-        out[path[:i] + (layer,) + path[i:]] = v
-    else:
-      out[path] = value
-  return nnx.State.from_flat_path(out)
+  """The scanned layout -> per-layer params (`blocks.<i>.x`), as an nnx.State of arrays."""
+  return nnx.State.from_flat_path(unstack_flat(_arrays(state)))

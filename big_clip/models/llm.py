@@ -10,7 +10,7 @@ space, the LLM itself stays frozen (optionally with LoRA, Hu et al. 2021). This 
   trained in-repo, from `config.model.text` sizes;
 - the decoder (`Decoder`), with HF parameter names (`layers.<i>.self_attn.q_proj.kernel` is
   HF `layers.<i>.self_attn.q_proj.weight` transposed to `[in, out]`);
-- `load_pretrained`: `model.safetensors` or sharded safetensors + `model.safetensors.index.json`
+- `load_weights`: `model.safetensors` or sharded safetensors + `model.safetensors.index.json`
   into the (sharded) parameters, each device reading only its slice;
 - `LlmTextTower`: tokens -> decoder -> pooling (mean / last / EOS) -> adapter, or, with an
   embedding cache (`config.model.text.llm.cache_dir`), cached pooled features -> adapter.
@@ -36,15 +36,19 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from flax.nnx import traversals
+from safetensors import safe_open
 
 from big_clip import config as config_lib
 from big_clip import sharding
-from big_clip.data import tokenizers
 from big_clip.models import layers
+from big_clip.errors import UserError
 
-PAD_ID = tokenizers.HF_PAD_ID  # padding of HF-tokenized text (-1: never a real token)
+# Padding of HF-tokenized text: no vocabulary has id -1, so padding is never mistaken for a
+# real token (the sentencepiece tokenizers of CLIP towers pad with 0 instead).
+PAD_ID = -1
 POOLINGS = ("mean", "last", "eos")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = config_lib.LORA_TARGETS
 ROPE_TYPES = ("default", "linear", "llama3")
 CONFIG_FILE, INDEX_FILE, SINGLE_FILE = "config.json", "model.safetensors.index.json", \
     "model.safetensors"
@@ -57,7 +61,7 @@ class Frozen(nnx.Variable):
   """A weight the optimizer never sees: a frozen LLM's base weights."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """An LLM folder whose tensors do not match the architecture; names the tensor."""
 
 
@@ -227,7 +231,7 @@ def _weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
   dtype = opt.dtype if frozen else opt.param_dtype
   if ones:
     value = jnp.ones(shape, dtype)
-  elif opt.pretrained or std == 0:  # overwritten by load_pretrained: no random draw
+  elif opt.pretrained or std == 0:  # overwritten by load_weights: no random draw
     value = jnp.zeros(shape, dtype)
   else:
     value = std * jax.random.normal(rngs.params(), shape, dtype)
@@ -516,16 +520,13 @@ def _our_path(hf_name: str) -> tuple[tuple[Any, ...], bool] | None:
   return tuple(int(p) if p.isdigit() else p for p in parts[:-1]) + (leaf,), transpose
 
 
-def load_pretrained(decoder_params: dict, path: str, shardings: Any = None) -> dict:
+def load_weights(decoder_params: dict, path: str, shardings: Any = None) -> dict:
   """Fills the base weights of a Decoder's pure-dict params from `path`, in place.
 
   Every (sharded) array is built with `jax.make_array_from_callback`, so each process reads
   only the slices its devices hold. LoRA factors are left as they are. Raises CheckpointError
   naming the tensor on a missing or unexpected tensor or a shape mismatch.
   """
-  from flax.nnx import traversals
-  from safetensors import safe_open
-
   flat = traversals.flatten_mapping(decoder_params)
   flat_shardings = traversals.flatten_mapping(shardings) if shardings is not None else {}
   wanted = {p for p in flat if p[-1] not in ("lora_a", "lora_b")}
@@ -584,5 +585,5 @@ def load_into(tower: LlmTextTower, path: str) -> None:
     raise ValueError("The tower reads cached features; it has no decoder to load.")
   state = nnx.state(tower.decoder)
   params = nnx.to_pure_dict(state)
-  nnx.replace_by_pure_dict(state, load_pretrained(params, path))
+  nnx.replace_by_pure_dict(state, load_weights(params, path))
   nnx.update(tower.decoder, state)

@@ -5,13 +5,11 @@ text embeddings of each batch are added to the batch as 'teacher_image' / 'teach
 The teacher reads the student's tokens, so both must use the same tokenizer (checked); a
 teacher with fewer text positions than `config.data.max_len` is stretched on load. It runs
 on the host's default device, batch by batch: right for small teachers; for a large one,
-precompute its embeddings once (the embedding cache of the LLM tower, issue 8).
+precompute its embeddings once (as the embedding cache of the LLM tower does).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,9 +25,8 @@ class Teacher:
   """`embed(batch)` -> {'teacher_image': [b, D'], 'teacher_text': [b, D']} numpy float32."""
 
   def __init__(self, spec: str, config: ml_collections.ConfigDict, tokenizer_path: str | None):
-    workdir, step = adapt.parse_big_clip_spec(spec)
-    with open(os.path.join(workdir, "config.json")) as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
+    workdir, _ = adapt.parse_big_clip_spec(spec)
+    self.config = adapt.run_config(workdir)
     model_cfg = self.config.model
     if int(self.config.data.image_size) != int(config.data.image_size):
       raise ValueError(f"The teacher {workdir} sees {self.config.data.image_size}px images, "
@@ -38,16 +35,10 @@ class Teacher:
     # A teacher with fewer text positions than the student's captions is stretched on
     # load (Long-CLIP §3.1), like any checkpoint loaded into a longer model.
     model_cfg.text.max_len = max(int(model_cfg.text.max_len), int(config.data.max_len))
-    if tokenizer_path is not None:
-      adapt.check_same_tokenizer(workdir, tokenizer_path)
-    abstract = nnx.eval_shape(lambda: two_tower.TwoTower(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abs_state = nnx.split(abstract)
-    self.step, flat = adapt.read_checkpoint_params(workdir, step)
-    shapes = {k: v.shape for k, v in
-              nnx.traversals.flatten_mapping(nnx.to_pure_dict(abs_state)).items()}
-    fitted = adapt.fit_loaded_params(flat, shapes, model_cfg)
-    self.params = jax.device_put(nnx.traversals.unflatten_mapping(fitted))
+    self.step, params = adapt.load_big_clip(spec, model_cfg, tokenizer_path)
+    self.params = jax.device_put(params)
     self.embed_dim = int(model_cfg.embed_dim)
+    graphdef = nnx.graphdef(nnx.eval_shape(two_tower.init_fn(model_cfg)))
     self._encode = jax.jit(lambda p, image, text: nnx.merge(graphdef, p)(image, text))
 
   def embed(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -98,7 +98,7 @@ class TextTransformer(nnx.Module):
     self.pool = layers.choose(c.pool, POOLS, "config.model.text.pool")
     self.max_len, self.eos_id, self.pad_id = int(c.max_len), int(c.eos_id), int(c.pad_id)
     # CLIP's text tower is causal; SigLIP's attends both ways (`text.causal=False`).
-    self.causal = bool(c.get("causal", True))
+    self.causal = bool(c.causal)
     w = cfg.width
     # open_clip init: token_embedding std 0.02, positional_embedding std 0.01.
     self.token_embedding = nnx.Embed(
@@ -112,7 +112,7 @@ class TextTransformer(nnx.Module):
     self.ln_final = layers.LayerNorm(w, cfg)
     # SigLIP's text head has a bias (`text.proj_bias=True`); CLIP's projection has none.
     self.proj = layers.dense(w, int(model_cfg.embed_dim), ("embed", "joint"), std=w ** -0.5,
-                             cfg=cfg, rngs=rngs, use_bias=bool(c.get("proj_bias", False)))
+                             cfg=cfg, rngs=rngs, use_bias=bool(c.proj_bias))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     chex.assert_rank(tokens, 2)

@@ -5,6 +5,7 @@ and a text tower mapping into one L2-normalized joint space, plus the learned lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import chex
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from big_clip import sharding
 from big_clip.models import llm, text, vit
 
 
@@ -32,7 +34,7 @@ class TwoTower(nnx.Module):
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
     self.embed_dim = int(cfg.embed_dim)
     self.image = vit.ViT(cfg, rngs=rngs)
-    kind = cfg.text.get("kind", "clip")
+    kind = cfg.text.kind
     if kind == "llm":
       self.text = llm.LlmTextTower(cfg, rngs=rngs)
     elif kind == "clip":
@@ -71,10 +73,26 @@ class TwoTower(nnx.Module):
     return scale, self.logit_bias[...].astype(jnp.float32)
 
 
-def load_pretrained(params: dict, model_cfg: Any, shardings: Any = None) -> None:
-  """Loads pretrained tower weights named by the config into TwoTower `params` (a pure dict,
-  in place): today the LLM of `config.model.text.llm.path`. A no-op otherwise."""
+def init_fn(model_cfg: Any, seed: int = 0) -> Callable[[], TwoTower]:
+  """The model's constructor with its rng; `nnx.eval_shape` of it gives shapes only."""
+  return lambda: TwoTower(model_cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_params(model_cfg: Any, mesh: jax.sharding.Mesh | None = None
+                    ) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract params as a pure dict of ShapeDtypeStructs, their NamedShardings on
+  `mesh` or None), without allocating anything."""
+  abstract_model = nnx.eval_shape(init_fn(model_cfg))
+  graphdef, abstract_state = nnx.split(abstract_model)
+  shardings = (None if mesh is None
+               else nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh)))
+  return graphdef, nnx.to_pure_dict(abstract_state), shardings
+
+
+def load_tower_weights(params: dict, model_cfg: Any, shardings: Any = None) -> None:
+  """Loads the pretrained tower weights that the config names into TwoTower `params` (a pure
+  dict, in place): today the LLM of `config.model.text.llm.path`. A no-op otherwise."""
   llm_cfg = model_cfg.text.llm
   if model_cfg.text.kind == "llm" and llm_cfg.path and not llm_cfg.cache_dir:
-    llm.load_pretrained(params["text"]["decoder"], llm_cfg.path,
-                        None if shardings is None else shardings["text"]["decoder"])
+    llm.load_weights(params["text"]["decoder"], llm_cfg.path,
+                     None if shardings is None else shardings["text"]["decoder"])

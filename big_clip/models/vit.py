@@ -111,7 +111,7 @@ class ViT(nnx.Module):
       raise ValueError(f"config.model.image.image_size={c.image_size} is not divisible by "
                        f"config.model.image.patch_size={c.patch_size}.")
     self.image_size, self.patch_size = int(c.image_size), int(c.patch_size)
-    self.stem = layers.choose(c.get("stem", "patch"), STEMS, "config.model.image.stem")
+    self.stem = layers.choose(c.stem, STEMS, "config.model.image.stem")
     w, patch_dim = cfg.width, self.patch_size ** 2 * 3
     if self.stem == "conv":
       self.conv_stem = ConvStem(self.patch_size, cfg, rngs=rngs)
@@ -128,7 +128,7 @@ class ViT(nnx.Module):
     self.positional_embedding = layers.param(rngs, normal(w ** -0.5), (num_tokens, w),
                                              ("length", "embed"), cfg.param_dtype)
     # SigLIP (big_vision ViT) has no LayerNorm before the blocks: `image.ln_pre=False`.
-    self.use_ln_pre = bool(c.get("ln_pre", True))
+    self.use_ln_pre = bool(c.ln_pre)
     if self.use_ln_pre:
       self.ln_pre = layers.LayerNorm(w, cfg)
     self.blocks = layers.make_blocks(cfg, rngs=rngs)
@@ -136,7 +136,7 @@ class ViT(nnx.Module):
     if self.pool == "map":
       self.head = MAPHead(cfg, rngs=rngs)
     # SigLIP's image embedding is the pooled feature itself (no head): `image.proj=False`.
-    self.use_proj = bool(c.get("proj", True))
+    self.use_proj = bool(c.proj)
     if self.use_proj:
       self.proj = layers.dense(w, int(model_cfg.embed_dim), ("embed", "joint"), std=w ** -0.5,
                                cfg=cfg, rngs=rngs, use_bias=False)

@@ -1,8 +1,9 @@
-"""Data sources. For now: the embedded default dataset, generated in code (no download).
+"""The embedded default dataset, generated in code (no download); file and tfds sources live
+in `files.py`.
 
 Each example is a 64x64 (any `image_size`) picture of 1-3 identical objects that differ in
 shape, colour, size, count and position on a muted grey texture, with captions in nine
-languages (`embedded_lang.py`). Example `index` of `split` is a pure function of
+languages (`embedded_captions.py`). Example `index` of `split` is a pure function of
 (seed, split, index): `np.random.default_rng([seed, split_id, index])` draws everything, so
 any batch can be regenerated and an iterator's state is just a counter.
 
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from big_clip.data import embedded_lang
+from big_clip.data import embedded_captions
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -28,7 +29,7 @@ COUNTS = (1, 2, 3)
 POSITIONS = ("left", "right", "top", "bottom", "centre")  # single objects only
 NO_POSITION = -1  # several objects: one per quadrant, captions name no position
 
-EMBEDDED_LANGUAGES: tuple[str, ...] = tuple(embedded_lang.LANGUAGES)
+EMBEDDED_LANGUAGES: tuple[str, ...] = tuple(embedded_captions.LANGUAGES)
 ZEROSHOT_TASKS = ("colour", "shape")
 SPLITS = {"train": 0, "test": 1, "val": 2}
 
@@ -206,15 +207,15 @@ def render_example(seed: int, split: str, index: int, image_size: int
 # ---------------------------------------------------------------------------------------
 # Captions.
 # ---------------------------------------------------------------------------------------
-def _language(lang: str) -> embedded_lang.Language:
-  if lang not in embedded_lang.LANGUAGES:
+def _language(lang: str) -> embedded_captions.Language:
+  if lang not in embedded_captions.LANGUAGES:
     raise ValueError(f"Language {lang!r} is not in the embedded dataset; available: "
                      f"{EMBEDDED_LANGUAGES} (config.data.languages).")
-  return embedded_lang.LANGUAGES[lang]
+  return embedded_captions.LANGUAGES[lang]
 
 
-def _scene(attrs: dict) -> embedded_lang.Scene:
-  return embedded_lang.Scene(attrs["shape"], attrs["colour"], attrs["size"], attrs["count"],
+def _scene(attrs: dict) -> embedded_captions.Scene:
+  return embedded_captions.Scene(attrs["shape"], attrs["colour"], attrs["size"], attrs["count"],
                              attrs["position"])
 
 
@@ -241,7 +242,7 @@ def zeroshot_prompts(lang: str) -> list[str]:
           for t in zeroshot_templates(task, lang) for name in zeroshot_classnames(task, lang)]
 
 
-def caption_corpus(n: int, seed: int, long_captions: bool = False) -> list[str]:
+def sample_captions(n: int, seed: int, long_captions: bool = False) -> list[str]:
   """Text to train the embedded dataset's tokenizer on: `n` captions spread evenly over
   the languages, every zero-shot prompt, and a word-shuffled copy of each of these (with
   punctuation split off the words).
@@ -331,7 +332,7 @@ def all_captions(attrs: dict, lang: str) -> Sequence[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# Long captions (issue 8: Long-CLIP's setting). Six English sentences, ~190 tokens: the
+# Long captions (Long-CLIP's setting). Six English sentences, ~190 tokens: the
 # count, size and position come early; then boilerplate that every image shares (how the
 # picture is made); the colour and shape -- what tells most images apart -- come last, past
 # the first 77 tokens, so a text tower that truncates at 77 never sees them.
@@ -372,7 +373,7 @@ def long_caption(attrs: dict, rng: np.random.Generator) -> str:
   boilerplate, then -- last, past the first 77 tokens -- the colour and the shape."""
   pick = lambda options: options[int(rng.integers(len(options)))]
   count, size = attrs["count"], SIZES[attrs["size"]]
-  colour, (shape_sg, shape_pl) = COLOURS[attrs["colour"]], embedded_lang._EN_SHAPES[
+  colour, (shape_sg, shape_pl) = COLOURS[attrs["colour"]], embedded_captions._EN_SHAPES[
       attrs["shape"]]
   if count == 1:
     where = (f"there is exactly one {size} object in the picture, and it sits "
@@ -400,3 +401,21 @@ def long_caption_set(n: int, seed: int, image_size: int) -> tuple[np.ndarray, li
     images.append(image)
     captions.append(long_caption(attrs, np.random.default_rng([seed, 0x10C, index])))
   return np.stack(images), captions
+
+
+def every_text(languages: Sequence[str]) -> list[str]:
+  """Every caption the embedded dataset can draw in `languages`, and every zero-shot prompt
+  (so that training and the zero-shot eval both read from the cache)."""
+  texts: dict[str, None] = {}
+  for lang in languages:
+    for shape in range(len(SHAPES)):
+      for colour in range(len(COLOURS)):
+        for size in range(len(SIZES)):
+          for count in COUNTS:
+            positions = range(len(POSITIONS)) if count == 1 else [NO_POSITION]
+            for position in positions:
+              attrs = dict(shape=shape, colour=colour, size=size, count=count,
+                           position=position)
+              texts.update(dict.fromkeys(all_captions(attrs, lang)))
+    texts.update(dict.fromkeys(zeroshot_prompts(lang)))
+  return list(texts)

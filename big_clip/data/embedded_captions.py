@@ -11,7 +11,7 @@ word orders, so that the text tower has to learn the concepts rather than one st
 Every language also defines its zero-shot prompts: class names in the form that the prompt
 templates need and that also occurs in the training captions (tests check both).
 
-Indices follow `sources.py`: shape (circle, square, triangle, cross, diamond), colour
+Indices follow `embedded.py`: shape (circle, square, triangle, cross, diamond), colour
 (red, green, blue, yellow, purple, orange), size (small, large), count 1..3, position
 (left, right, top, bottom, centre) or -1 when the caption must not mention one.
 """

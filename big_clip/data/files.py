@@ -38,15 +38,17 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
+from big_clip.data import languages as languages_lib
 from big_clip.data import manifest as manifest_lib
 from big_clip.data import shards
+from big_clip.errors import UserError
 
 _CROP_STREAM, _CAPTION_STREAM, _FLIP_STREAM, _PAIR_STREAM = 1, 2, 3, 4  # independent draws
 _TFDS_LABEL_TEMPLATE = "a photo of a {}."
 _TFDS_FILE = -1  # the 'file' part of a tfds example's rng key
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
   """A source that cannot be read or yields nothing; the message names it."""
 
 
@@ -86,16 +88,6 @@ def _crop_box(w: int, h: int, rng: np.random.Generator, min_scale: float
       left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
       return left, top, left + cw, top + ch
   return None
-
-
-def language_table(languages: Mapping[str, float]) -> tuple[tuple[str, ...], np.ndarray]:
-  """(languages, weights) in sorted order, so sampling does not depend on mapping order."""
-  names = tuple(sorted(lang for lang, w in languages.items() if float(w) > 0))
-  weights = np.array([float(languages[lang]) for lang in names], np.float64)
-  if not names or (np.array([float(w) for w in languages.values()]) < 0).any():
-    raise ValueError(f"config.data.languages={dict(languages)} needs at least one language "
-                     "with a positive weight and no negative weights.")
-  return names, weights
 
 
 def choose_caption(captions: Mapping[str, Sequence[str]], languages: Sequence[str],
@@ -142,7 +134,7 @@ class Processing:
 
   @classmethod
   def from_config(cls, data_cfg: ml_collections.ConfigDict, seed: int) -> Processing:
-    languages, weights = language_table(data_cfg.languages)
+    languages, weights = languages_lib.language_table(data_cfg.languages)
     return cls(int(seed), int(data_cfg.image_size), float(data_cfg.crop_min_scale),
                languages, weights, float(data_cfg.long_caption_prob),
                float(data_cfg.flip_prob), str(data_cfg.pair_language))
@@ -543,9 +535,9 @@ def _make_source(data_cfg: ml_collections.ConfigDict, process_index: int,
                    "'embedded', 'tfds:NAME[:SPLIT]', 'shards:GLOB', 'manifest:PATH'.")
 
 
-def caption_corpus(data_cfg: ml_collections.ConfigDict, limit: int = 200_000) -> list[str]:
+def read_captions(data_cfg: ml_collections.ConfigDict, limit: int = 200_000) -> list[str]:
   """Every caption (and long caption) of the source, up to `limit`, in file order: the text
-  to train its sentencepiece model on (tools/train_spm.py, train.build_tokenizer)."""
+  to train its sentencepiece model on (tools/train_spm.py, pipeline.build_tokenizer)."""
   source = _make_source(data_cfg, 0, 1)
   texts: list[str] = []
   if isinstance(source, FileSource):

@@ -1,0 +1,66 @@
+"""The jitted towers of a model and how to feed them: every evaluator embeds through this."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from big_clip import sharding
+from big_clip.data import pipeline
+from big_clip.evals import datasets
+from big_clip.evals import metrics as metrics_lib
+
+
+@dataclasses.dataclass
+class Towers:
+  """The jitted towers and what feeding them needs."""
+  image_fn: Callable
+  text_fn: Callable
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  batch_size: int
+  image_size: int
+  mean: Sequence[float]
+  std: Sequence[float]
+
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict, tokenizer, graphdef: nnx.GraphDef,
+            mesh: jax.sharding.Mesh) -> Towers:
+    with jax.set_mesh(mesh):
+      image_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
+      text_fn = jax.jit(lambda p, t: nnx.merge(graphdef, p).encode_text(t))
+    return cls(image_fn, text_fn, mesh, tokenizer, config.eval.batch_size,
+               config.data.image_size, tuple(config.data.mean), tuple(config.data.std))
+
+  def images(self, params, images: datasets.ImageSet, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """([N, D] embeddings, [N] bool: decoded fine); failed images are warned about by name."""
+    emb = sharding.embed_batched(self.image_fn, params, images, self.mesh, self.batch_size, desc=desc,
+                        preprocess=lambda x: pipeline.normalize(x, self.mean, self.std))
+    failed = np.zeros(len(images), np.int32)
+    failed[list(images.failed)] = 1
+    if jax.process_count() > 1:  # each process decoded its own rows
+      failed = np.asarray(multihost_utils.process_allgather(failed)).max(axis=0)
+    for i in np.flatnonzero(failed)[:5]:
+      logging.warning("%s: skipping %s", desc, images.failed.get(int(i), images.names[i]))
+    if failed.any():
+      logging.warning("%s: %d of %d images could not be decoded and were skipped.", desc,
+                      int(failed.sum()), len(images))
+    return emb, failed == 0
+
+  def texts(self, params, tokens: np.ndarray, desc: str | None = None) -> np.ndarray:
+    return sharding.embed_batched(self.text_fn, params, tokens, self.mesh, self.batch_size, desc=desc)
+
+
+def class_embeddings(towers: Towers, params, tokens: np.ndarray, num_classes: int
+                     ) -> np.ndarray:
+  """[K, D] from the [K * T, L] prompt tokens (class-major): prompt ensembling."""
+  emb = towers.texts(params, tokens)
+  return metrics_lib.ensemble(emb.reshape(num_classes, len(tokens) // num_classes, -1))
