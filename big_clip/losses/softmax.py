@@ -86,7 +86,6 @@ def summed_logsumexps(exchange: losses.Exchange, img: jax.Array, txt: jax.Array,
   """
   n_rows = img.shape[0]
   tile = tiled.tile_rows(n_rows, tile)
-  zero_bias = jnp.zeros((), jnp.float32)
 
   def forward(img, txt, scale):
     lse_img, lse_txt = _logsumexps(exchange, img, txt, scale, tile)
@@ -101,6 +100,7 @@ def summed_logsumexps(exchange: losses.Exchange, img: jax.Array, txt: jax.Array,
       p = jnp.exp(z - lse_rows[:, None]) + jnp.exp(z - lse_cols[None, :])
       return jnp.where(valid, g * p, 0.0)
 
+    zero_bias = jnp.zeros((), jnp.float32)
     d_img, d_txt, d_scale, _ = tiled.ring_grads(exchange, dz_fn, img, txt, scale, zero_bias,
                                                 moving=lse_img, staying=lse_txt, tile=tile)
     return d_img, d_txt, d_scale

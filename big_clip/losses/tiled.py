@@ -75,7 +75,7 @@ def ring(exchange: losses.Exchange, tile_fn: TileFn, *, moving_in: Tree, moving_
       lambda x: jax.lax.dynamic_slice_in_dim(x, t * tile, tile), tree)
   put = lambda tree, t, new: jax.tree.map(
       lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, t * tile, 0), tree, new)
-  index = jnp.arange(tile)
+  index = jax.lax.iota(jnp.int32, tile)
 
   def one_step(carry, step):
     moving_in, moving_out, staying_out, totals = carry
@@ -99,7 +99,7 @@ def ring(exchange: losses.Exchange, tile_fn: TileFn, *, moving_in: Tree, moving_
 
   start = (moving_in, *exchange.varying((moving_out, staying_out, totals)))
   (_, moving_out, staying_out, totals), _ = jax.lax.scan(
-      one_step, start, jnp.arange(exchange.size))
+      one_step, start, jax.lax.iota(jnp.int32, exchange.size))
   return moving_out, staying_out, totals
 
 
