@@ -98,10 +98,10 @@ def summed_logsumexps(exchange: losses.Exchange, img: jax.Array, txt: jax.Array,
     def dz_fn(z, dots, lse_rows, lse_cols, valid, positive):
       del dots, positive
       p = jnp.exp(z - lse_rows[:, None]) + jnp.exp(z - lse_cols[None, :])
-      return jnp.where(valid, g * p, 0.0)
+      return jnp.where(valid, g * p, 0.0), 0.0
 
     zero_bias = jnp.zeros((), jnp.float32)
-    d_img, d_txt, d_scale, _ = tiled.ring_grads(exchange, dz_fn, img, txt, scale, zero_bias,
+    _, d_img, d_txt, d_scale, _ = tiled.ring_grads(exchange, dz_fn, img, txt, scale, zero_bias,
                                                 moving=lse_img, staying=lse_txt, tile=tile)
     return d_img, d_txt, d_scale
 

@@ -39,7 +39,8 @@ Tree = Any
 # tile_fn(moving_in, moving_out, staying_in, staying_out, totals, valid, positive)
 #   -> (moving_out, staying_out, totals), each `*_in/*_out` a tree of this tile's rows.
 TileFn = Callable[..., tuple[Tree, Tree, Tree]]
-# dz_fn(z, dots, moving_in, staying_in, valid, positive) -> dL/dz of the tile, 0 where invalid.
+# dz_fn(z, dots, moving_in, staying_in, valid, positive) -> (dL/dz of the tile, 0 where
+#   invalid; a scalar summed over the tiles, e.g. the loss where it needs no global statistic)
 DzFn = Callable[..., jax.Array]
 
 
@@ -110,9 +111,10 @@ def dots_tile(rows: jax.Array, cols: jax.Array) -> jax.Array:
 
 def ring_grads(exchange: losses.Exchange, dz_fn: DzFn, img: jax.Array, txt: jax.Array,
                scale: jax.Array, bias: jax.Array, *, moving: Tree = (), staying: Tree = (),
-               tile: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+               tile: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
   """Gradients of a loss over `z = scale * img @ txt.T + bias` (rows: this device's group),
-  from `dz_fn`, tile by tile: `(d_img, d_txt, d_scale, d_bias)` of this device's blocks.
+  from `dz_fn`, tile by tile: `(value, d_img, d_txt, d_scale, d_bias)` of this device's
+  blocks, `value` the sum of the second output of `dz_fn` over the tiles.
 
   With `G = dL/dz`: `d_img = scale G txt`, `d_txt = scale G^T img`, `d_scale = <G, img txt^T>`,
   `d_bias = sum G`. `moving` (per image row) and `staying` (per text row) are the extra
@@ -126,16 +128,16 @@ def ring_grads(exchange: losses.Exchange, dz_fn: DzFn, img: jax.Array, txt: jax.
   def tile_fn(moving_in, d_img, staying_in, d_txt, totals, valid, positive):
     (img_t, moving_t), (txt_t, staying_t) = moving_in, staying_in
     dots = dots_tile(img_t, txt_t)
-    dz = dz_fn(scale * dots + bias, dots, moving_t, staying_t, valid, positive)
-    d_scale, d_bias = totals
+    dz, value = dz_fn(scale * dots + bias, dots, moving_t, staying_t, valid, positive)
+    total, d_scale, d_bias = totals
     d_img = d_img + scale * jnp.einsum("ij,jd->id", dz, txt_t, precision=hi)
     d_txt = d_txt + scale * jnp.einsum("ij,id->jd", dz, img_t, precision=hi)
-    return d_img, d_txt, (d_scale + jnp.sum(dz * dots), d_bias + jnp.sum(dz))
+    return d_img, d_txt, (total + value, d_scale + jnp.sum(dz * dots), d_bias + jnp.sum(dz))
 
   zeros_rows = jnp.zeros((-(-n_rows // tile) * tile, dim), jnp.float32)
   zero = jnp.zeros((), jnp.float32)
-  d_img, d_txt, (d_scale, d_bias) = ring(
+  d_img, d_txt, (total, d_scale, d_bias) = ring(
       exchange, tile_fn, moving_in=pad((img, moving)), moving_out=zeros_rows,
-      staying_in=pad((txt, staying)), staying_out=zeros_rows, totals=(zero, zero),
+      staying_in=pad((txt, staying)), staying_out=zeros_rows, totals=(zero, zero, zero),
       n_rows=n_rows, tile=tile)
-  return d_img[:n_rows], d_txt[:n_rows], d_scale, d_bias
+  return total, d_img[:n_rows], d_txt[:n_rows], d_scale, d_bias
