@@ -133,13 +133,16 @@ def host_memory_bytes() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run(batches, dim: int, max_run_bytes: float, max_run_batch: int) -> list[dict[str, Any]]:
+def run(batches, dim: int, max_run_bytes: float, max_run_batch: int,
+        only: set[str] | None = None) -> list[dict[str, Any]]:
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   n = sharding.data_parallel_size(mesh)
   check_peers_are_exact(mesh)
   rows = []
   for global_batch in batches:
     for name, group, fn in cases():
+      if only and name not in only:
+        continue
       compiled = compile_case(fn, mesh, global_batch, dim)
       temp = int(compiled.memory_analysis().temp_size_in_bytes)
       # Everything the n devices hold at once on this host: temporaries + inputs + grads.
@@ -169,15 +172,17 @@ def table(rows: list[dict[str, Any]]) -> str:
   lines = ["| global batch | loss | temp MiB / device | vs naive | seconds (loss + grads) "
            "| speed vs softmax |", "| --- | --- | --- | --- | --- | --- |"]
   by = {(r["global_batch"], r["loss"]): r for r in rows}
+  missing = {"temp_bytes": None, "seconds": None}
   for r in rows:
-    naive = by[(r["global_batch"], "naive")]
-    soft = by[(r["global_batch"], "softmax")]
-    ratio = naive["temp_bytes"] / max(r["temp_bytes"], 1)
+    naive = by.get((r["global_batch"], "naive"), missing)
+    soft = by.get((r["global_batch"], "softmax"), missing)
+    ratio = ("—" if naive["temp_bytes"] is None
+             else f"1/{naive['temp_bytes'] / max(r['temp_bytes'], 1):.1f}")
     sec = "—" if r["seconds"] is None else f"{r['seconds']:.2f}"
     speed = ("—" if r["seconds"] is None or soft["seconds"] is None
              else f"{soft['seconds'] / r['seconds']:.2f}×")
     lines.append(f"| {r['global_batch']} | {r['loss']} | {r['temp_bytes'] / MiB:.1f} | "
-                 f"1/{ratio:.1f} | {sec} | {speed} |")
+                 f"{ratio} | {sec} | {speed} |")
   return "\n".join(lines)
 
 
@@ -222,6 +227,8 @@ def main(argv=None) -> list[dict[str, Any]]:
                  help="run (time) a case only if its buffers on all devices fit in this")
   p.add_argument("--max_run_batch", type=int, default=32768,
                  help="run (time) only batches up to this; larger ones are compiled only")
+  p.add_argument("--losses", default="",
+                 help="comma-separated subset of the cases (default: all)")
   p.add_argument("--accum", action=argparse.BooleanOptionalAction, default=True,
                  help="Part 2: train-step memory with loss.accum_steps 1, 2, 4")
   p.add_argument("--json", default=None, help="write Part 1's rows here")
@@ -230,7 +237,11 @@ def main(argv=None) -> list[dict[str, Any]]:
   batches = [int(b) for b in args.batches.split(",")]
   print(f"Part 1: loss + gradients, dim {args.dim}, {jax.device_count()} devices, "
         f"batches {batches}")
-  rows = run(batches, args.dim, args.max_run_gib * GiB, args.max_run_batch)
+  only = {name for name in args.losses.split(",") if name}
+  unknown = only - {name for name, _, _ in cases()}
+  if unknown:
+    p.error(f"--losses {sorted(unknown)} unknown; pick from {[n for n, _, _ in cases()]}")
+  rows = run(batches, args.dim, args.max_run_gib * GiB, args.max_run_batch, only)
   print(table(rows))
   print("\nTiled losses vs before (same run)")
   print(before_after_table(rows))

@@ -197,6 +197,8 @@ def test_tiled_loss_is_exact_and_holds_one_tile_at_a_time(loss_name, mesh_name, 
   _assert_close(value, expected_value)
   for grad, expected in zip(grads, expected_grads):
     _assert_close(grad, expected)
+  # Without differentiation the loss takes its own (forward-only) path.
+  _assert_close(jax.jit(loss_fn)(img, txt, SCALE, BIAS), expected_value)
 
   jaxpr = jax.make_jaxpr(grad_fn)(img, txt, jnp.float32(SCALE), jnp.float32(BIAS)).jaxpr
   local_batch = GLOBAL_BATCH // (1 if mesh is None else sharding.data_parallel_size(mesh))

@@ -4,7 +4,7 @@ Pre-Training", Alg. 1), exact on any device mesh with the chunked ring of §3.3,
 Image blocks travel around the ring of batch shards (§3.3) while each device keeps its
 texts, and each ring step's `b x b` block is visited in `tile x tile` pieces (as Inf-CL,
 Cheng et al. 2024; tiled.py), forward and, through a custom VJP, backward: no device holds
-more than one tile of logits or more than two blocks of embeddings (and their gradients),
+more than one tile of logits, only a few `[b, D]` blocks (embeddings and their gradients),
 where big_vision's implementation materializes B_global x B_global. With `group_size` the
 ring runs inside each group of devices (grouped.py, M2-Encoder).
 """
@@ -67,9 +67,8 @@ def _ring_sum(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
 def summed_pair_losses(exchange: losses.Exchange, img: jax.Array, txt: jax.Array,
                        scale: jax.Array, bias: jax.Array, *,
                        tile: int | None = None) -> jax.Array:
-  """`-sum_ij log_sigmoid(l_ij z_ij)`, `z = scale * img @ txt.T + bias`, for this device's
-  images i against every text j of its `exchange` group (texts: this device's j against
-  every image, in the backward pass).
+  """`-sum_ij log_sigmoid(l_ij z_ij)`, `z = scale * img @ txt.T + bias`, over this device's
+  texts j and every image i of its `exchange` group (the group's sum is the whole loss).
 
   Alg. 1's labels `l = 2 eye - 1`: the positives sit on the diagonal of the own block,
   ring step 0. `dz = -l sigmoid(-l z)` needs no statistic of the whole batch, so under

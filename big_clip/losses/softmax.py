@@ -6,8 +6,8 @@ the ring of batch shards while each device keeps its texts, and every `tile x ti
 logits feeds both cross-entropies at once, an online logsumexp over its rows (per image,
 travelling with the images) and over its columns (per text, staying). A custom VJP forms
 the gradients tile by tile from the saved logsumexps. No device holds more than one tile of
-logits or more than two blocks of embeddings (and their gradients), however large the
-global batch. With `group_size` the "global" batch is the group's (grouped.py, M2-Encoder).
+logits nor the gathered embeddings, only a few `[b, D]` blocks (embeddings and their
+gradients), however large the global batch. With `group_size` the "global" batch is the group's (grouped.py, M2-Encoder).
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 visited one fixed-size tile at a time, on every device, forward and backward.
 
 Inf-CL (Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling
-for Contrastive Loss", arXiv 2410.17243) tiles the loss at two levels: across devices the
-key blocks travel around a ring (§3.2, as in SigLIP §3.3), and inside a device the
-`b x b` block of one ring step is cut into `tile x tile` pieces (§3.3), so no device ever
-holds more than one tile of logits, nor more than two embedding blocks: memory is
-O(tile^2 + b D) per device, independent of the global batch.
+for Contrastive Loss", arXiv 2410.17243) tiles the loss at two levels ("multi-level
+tiling"): across devices the key blocks travel around a ring (as in SigLIP §3.3), and inside
+a device the `b x b` block of one ring step is cut into `tile x tile` pieces, so no device
+ever holds more than one tile of logits, nor the gathered keys: a few `[b, D]` blocks (its
+own, the visiting one in flight, their gradients), O(tile^2 + b D) per device, independent
+of the global batch.
 
 Orientation: each device keeps its text block (the *staying* side, the logits' columns) and
 its image block travels around the ring of its exchange group (the *moving* side, the rows).
@@ -14,8 +15,9 @@ Per-row results (softmax's running row logsumexp, the image gradients) travel wi
 rows and arrive home with them after the `n`-th hop; per-column results stay.
 
 A loss supplies a `tile_fn` for its forward statistics and a `dz_fn` for `dL/dz` of one
-tile; `ring_grads` then forms the gradients w.r.t. both embeddings, the scale and the bias
-tile by tile (a custom VJP: autodiff through the ring would save every visiting block for
+tile (and, where it needs no statistic of the whole batch, the tile's loss); `ring_grads`
+then forms the gradients w.r.t. both embeddings, the scale and the bias tile by tile
+(a custom VJP: autodiff through the ring would save every visiting block for
 the backward pass, the `B x D` keys this module exists to avoid).
 """
 
@@ -41,7 +43,7 @@ Tree = Any
 TileFn = Callable[..., tuple[Tree, Tree, Tree]]
 # dz_fn(z, dots, moving_in, staying_in, valid, positive) -> (dL/dz of the tile, 0 where
 #   invalid; a scalar summed over the tiles, e.g. the loss where it needs no global statistic)
-DzFn = Callable[..., jax.Array]
+DzFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def tile_rows(n_rows: int, tile: int | None) -> int:
