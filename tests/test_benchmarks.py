@@ -71,10 +71,11 @@ def test_torch_peer_is_the_same_size_as_our_model():
   del torch
 
 
-def test_loss_benchmark_rows_and_its_naive_baseline(tmp_path):
-  """benchmarks/loss_memory.py: the naive baseline is the same loss (checked inside), it
-  holds the B x B logits on every device, so it needs more memory than the local softmax and
-  the ring sigmoid, and the JSON rows carry the documented keys."""
+def test_loss_benchmark_rows_and_its_baselines(tmp_path):
+  """benchmarks/loss_memory.py: the baselines are the same losses (checked inside); the naive
+  one holds the B x B logits on every device and the pre-tiling ones a b x B (softmax) or
+  b x b (sigmoid) block, so each needs more memory than the tiled loss; the JSON rows carry
+  the documented keys."""
   import json
 
   from benchmarks import loss_memory
@@ -83,15 +84,19 @@ def test_loss_benchmark_rows_and_its_naive_baseline(tmp_path):
   rows = loss_memory.main(["--batches", "256,512", "--dim", "16", "--no-accum",
                            "--json", str(out)])
   assert json.loads(out.read_text()) == rows
+  names = ("naive", "softmax", "softmax:gathered", "sigmoid", "sigmoid:block", "grouped:2",
+           "grouped:4")
   assert [(r["global_batch"], r["loss"]) for r in rows] == [
-      (b, name) for b in (256, 512)
-      for name in ("naive", "softmax", "sigmoid", "grouped:2", "grouped:4")]
+      (b, name) for b in (256, 512) for name in names]
   for r in rows:
     assert {"loss", "global_batch", "devices", "temp_bytes", "seconds"} <= r.keys()
     assert r["devices"] == jax.device_count() and r["seconds"] > 0
   temp = {(r["global_batch"], r["loss"]): r["temp_bytes"] for r in rows}
   # B x B floats per device vs b x B (softmax) and b x b at a time (sigmoid): 1/8 and less.
-  assert temp[(512, "softmax")] * 4 <= temp[(512, "naive")]
-  assert temp[(512, "sigmoid")] < temp[(512, "softmax")]
+  assert temp[(512, "softmax:gathered")] * 4 <= temp[(512, "naive")]
+  assert temp[(512, "sigmoid:block")] < temp[(512, "softmax:gathered")]
+  # Tiled: neither gathered keys nor a whole block saved per ring step.
+  assert temp[(512, "softmax")] < temp[(512, "softmax:gathered")]
+  assert temp[(512, "sigmoid")] < temp[(512, "sigmoid:block")]
   # Doubling the batch quadruples the naive memory.
   assert temp[(512, "naive")] >= 3 * temp[(256, "naive")]

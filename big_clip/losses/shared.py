@@ -110,6 +110,14 @@ class Exchange:
     """`x` handed one step along `ring()`."""
     return x if self.axes is None else jax.lax.ppermute(x, self.axes, self.ring())
 
+  def varying(self, tree):
+    """`tree` typed as differing per device. Fresh constants (zeros) are typed as the same on
+    every device; a loop that carries per-device values in them needs this under
+    shard_map's replication checking. Its transpose sums the cotangents over `axes`."""
+    if self.axes is None:
+      return tree
+    return jax.tree.map(lambda x: jax.lax.pcast(x, self.axes, to="varying"), tree)
+
   def psum(self, x: jax.Array) -> jax.Array:
     """The sum over every device on `axes` (all groups)."""
     return x if self.axes is None else jax.lax.psum(x, self.axes)
