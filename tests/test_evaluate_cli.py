@@ -145,9 +145,9 @@ def test_retrieval_on_the_flickr_test_split_equals_an_unsharded_float64_evaluati
   model, params, graphdef = unsharded_model(config, workdir)
   tok = tokenizers.SpmTokenizer(config.data.tokenizer.path, config.data.max_len)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  suite = suite.Suite(config, tok, graphdef, mesh, "tiny",
+  evals = suite.Suite(config, tok, graphdef, mesh, "tiny",
                          evals=[f"retrieval:manifest:{FLICKR}:test"])
-  rows = {r["language"]: r for r in suite.run(params)}
+  rows = {r["language"]: r for r in evals.run(params)}
   m = manifest.load(FLICKR, "test")
   assert len(m.items) == 31 and set(m.languages) <= set(rows) and "mean" in rows
   pixels = np.stack([manifest.read_image(it.image, 32) for it in m.items])
