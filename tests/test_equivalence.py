@@ -15,11 +15,11 @@ import math
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from big_clip import export, sharding, train
 from big_clip.convert import hf
+from test_train import adam_first_moment
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -195,11 +195,10 @@ def big_clip_run(path: str, kind: str, mesh_shape: tuple[int, int], **accum) -> 
     losses.append(float(metrics["loss"]))
     norms.append(float(metrics["grad_norm"]))
     if step == 0:
-      adam = [s for s in jax.tree.leaves(state["opt"], is_leaf=lambda s: isinstance(
-          s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
       # mu = (1 - b1) * the clipped gradient; undo the clipping with the reported norm.
       unclip = max(norms[0] / CLIP_NORM[kind], 1.0) / (1 - OPTIM["b1"])
-      grads1 = jax.tree.map(lambda m: m * unclip, export.flat_params(adam[0].mu))
+      grads1 = jax.tree.map(lambda m: m * unclip,
+                            export.flat_params(adam_first_moment(state["opt"])))
   return {"loss": losses, "grad_norm": norms, "grads1": grads1,
           "params": export.flat_params(state["params"])}
 
