@@ -274,3 +274,29 @@ def test_weight_decay_hits_weight_matrices_only_also_when_layers_are_scanned():
     assert not any(("ln_" in p or p.endswith("bias") or "positional" in p or "logit" in p)
                    for p in decayed), decayed
 
+
+def test_logit_scale_is_clamped_at_the_cap_and_its_gradient_brings_it_back(monkeypatch):
+  # A loss of -scale pushes the temperature up, +scale down. Adam with b1 = b2 = 0 moves the
+  # parameter by exactly lr = 1 per step, so the path is known: up past ln(100) (clamped
+  # there), back down, and clamped at 0. Clipping the scale inside the forward pass instead
+  # would zero the gradient at the cap and leave the parameter stuck above it.
+  from big_clip import losses
+
+  config = tiny_config(**{"optim.b1": 0.0, "optim.b2": 0.0, "optim.lr": 1.0,
+                          "optim.clip_norm": 0.0, "optim.schedule": "warmup_constant",
+                          "optim.warmup_steps": 0})
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  compiled = {}
+  for sign in (-1.0, 1.0):
+    monkeypatch.setattr(losses, "from_config",
+                        lambda cfg, sign=sign: lambda img, txt, scale, bias, mesh: sign * scale)
+    compiled[sign] = train.build(config, mesh)
+  state = compiled[-1.0].state
+  batch = sharding.place_batch(random_batch(config), mesh)
+  path = [float(state["params"]["logit_scale"])]
+  for sign in [-1.0] * 3 + [1.0] * 5:
+    state, _ = compiled[sign].step(state, batch)
+    path.append(float(state["params"]["logit_scale"]))
+  cap, start = np.log(np.float32(100.0)), np.log(1 / 0.07)
+  np.testing.assert_allclose(path, [start, start + 1, cap, cap, cap - 1, cap - 2, cap - 3,
+                                    cap - 4, 0.0], atol=1e-5)
