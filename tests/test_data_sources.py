@@ -358,6 +358,22 @@ def test_long_captions_are_used_with_their_probability(tmp_path):
   assert abs(texts.count("long one") / len(texts) - 0.75) < 0.06  # 200 draws, ~3.5 sigma
 
 
+def test_long_clip_short_captions_come_with_long_ones_from_a_shard_source(tmp_path):
+  # Long-CLIP §3.2 on files: 'text' is the long caption (long_caption_prob 1), 'text_short'
+  # the image's short caption, or the long one's first sentence when it has none (as the
+  # release does for ShareGPT4V).
+  ex = [shards.RawExample(f"k{i}", _png(i), "png", {"en": [f"s{i}"]} if i % 2 else {},
+                          {"en": [f"long {i}. more"]}) for i in range(8)]
+  shards.write_shards(ex, str(tmp_path / "l"), "tar", 8)
+  it = pipeline.make(_cfg(f"shards:{tmp_path}/l-*.tar", long_caption_prob=1.0,
+                          languages={"en": 1.0}), 0, 1, tokenizer=CharTokenizer(), seed=0,
+                     with_short_captions=True)
+  batches = _take(it, 4)
+  it.close()
+  pairs = {(_text(t), _text(s)) for b in batches for t, s in zip(b["text"], b["text_short"])}
+  assert pairs == {(f"long {i}. more", f"s{i}" if i % 2 else f"long {i}") for i in range(8)}
+
+
 # ---------------------------------------------------------------------------------------
 # Manifest and tfds sources.
 # ---------------------------------------------------------------------------------------
