@@ -329,11 +329,13 @@ def test_train_step_on_248_token_captions_with_pce_and_a_stretched_teacher(long_
     model = nnx.merge(setup.graphdef, params)
     img, txt = model(batch["image"], batch["text"])
     scale, _ = model.scale_and_bias()
-    contrastive = long_clip.loss(img, txt, model.encode_text(batch["text_short"]), scale,
-                                 None, num_components=3, short_weight=0.5,
-                                 base_loss=softmax.loss)
-    return 0.5 * contrastive + distill.loss(img, txt, batch["teacher_image"],
-                                            batch["teacher_text"], kl_weight=0.7)
+    contrastive = softmax.loss(img, txt, scale)
+    short = long_clip.loss(img, txt, model.encode_text(batch["text_short"]), scale, None,
+                           num_components=3, short_weight=1.0,
+                           base_loss=softmax.loss) - contrastive
+    # contrastive_weight 0.5 on the contrastive term only; short_weight 0.5 on its own term.
+    return 0.5 * contrastive + 0.5 * short + distill.loss(
+        img, txt, batch["teacher_image"], batch["teacher_text"], kl_weight=0.7)
 
   np.testing.assert_allclose(metrics["loss"], want(params, batch), rtol=1e-4)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import io
+import json
 import math
 import queue
 import threading
@@ -518,11 +519,16 @@ class SourceIterator:
       from jax.experimental import multihost_utils
       positions = np.asarray(multihost_utils.process_allgather(np.array(mine, np.int64)))
       positions = positions.reshape(-1, 2).tolist()
+      skipped = _allgather_json(self._skipped)
     else:
-      positions = {self._process_index: mine}
-      positions = [positions.get(p) for p in range(self._process_count)]
+      positions = [mine if p == self._process_index else None
+                   for p in range(self._process_count)]
+      skipped = [self._skipped if p == self._process_index else None
+                 for p in range(self._process_count)]
+    # Every host's own skip counts, indexed by process like the positions: each host
+    # restores its own.
     return {"seed": self._seed, "process_count": self._process_count,
-            "positions": positions, "source": self._source.name, "skipped": self._skipped}
+            "positions": positions, "source": self._source.name, "skipped": skipped}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     if "positions" not in state:
@@ -539,7 +545,10 @@ class SourceIterator:
       raise ValueError(f"The data state has no position for process {self._process_index}.")
     self.close()
     self._epoch, self._position = int(mine[0]), int(mine[1])
-    self._skipped = {k: int(v) for k, v in dict(state.get("skipped", {})).items()}
+    skipped = state.get("skipped") or {}
+    if isinstance(skipped, list):
+      skipped = skipped[self._process_index] or {}
+    self._skipped = {k: int(v) for k, v in dict(skipped).items()}
 
   def close(self) -> None:
     """Stops the prefetch thread; the next batch restarts it from the current state."""
@@ -551,6 +560,18 @@ class SourceIterator:
   def __del__(self) -> None:
     if getattr(self, "_stop", None) is not None:
       self._stop.set()
+
+
+def _allgather_json(value: Any) -> list[Any]:
+  """`value` (JSON-serializable) of every process, in process order (a collective)."""
+  from jax.experimental import multihost_utils
+
+  mine = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([len(mine)], np.int64)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(mine)] = mine
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(row[:int(n)].tobytes()) for row, n in zip(every, lengths.reshape(-1))]
 
 
 def _make_source(data_cfg: ml_collections.ConfigDict, process_index: int,
