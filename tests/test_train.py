@@ -201,9 +201,48 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint_clean
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
 
+def _kill_mid_checkpoint(cmd, env, ckpt_dir, min_step: int, delay_s: float) -> bool:
+  """Starts `cmd`, waits until it begins writing the checkpoint of a step >= `min_step`
+  (orbax's temporary directory appears), waits `delay_s`, then kill -9. True when the kill
+  landed mid-write: the temporary directory outlived the process."""
+  started = time.time()
+  log = ckpt_dir.parent.parent / f"killed_at_{min_step}.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=f)
+
+  def writing() -> str | None:  # this run's '<step>.orbax-checkpoint-tmp', step >= min_step
+    for name in os.listdir(ckpt_dir) if ckpt_dir.exists() else ():
+      try:
+        if (name.endswith("orbax-checkpoint-tmp") and int(name.split(".")[0]) >= min_step
+            and os.stat(ckpt_dir / name).st_ctime >= started):  # not a killed run's orphan
+          return name
+      except (FileNotFoundError, ValueError):
+        pass
+    return None
+
+  deadline, tmp = time.time() + 900, None
+  while tmp is None and time.time() < deadline and proc.poll() is None:
+    tmp = writing()
+    time.sleep(0.002)
+  if tmp is None:
+    proc.kill()
+    proc.wait()
+    raise AssertionError("the run never started the checkpoint it was to be killed in: "
+                         + log.read_text()[-3000:])
+  time.sleep(delay_s)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return (ckpt_dir / tmp).exists()
+
+
 @pytest.mark.slow
-def test_sigkill_at_any_moment_then_restart_reaches_the_same_parameters(tmp_path, spm_path):
-  """A real kill -9 in the middle of the run (possibly mid-checkpoint-write)."""
+def test_sigkill_while_checkpoints_are_written_then_restart_reaches_the_same_parameters(
+    tmp_path, spm_path):
+  """Real kill -9s, each at a seeded random moment inside a checkpoint write (orbax's
+  temporary directory exists), three in a row on one workdir; the run resumed after them
+  ends with bit-identical parameters and loss curve to an uninterrupted run."""
+  from big_clip import export
+
   cfg_file = tmp_path / "cfg.py"
   cfg_file.write_text(
       "import sys\n"
@@ -214,22 +253,21 @@ def test_sigkill_at_any_moment_then_restart_reaches_the_same_parameters(tmp_path
       "                         'checkpoint.every_steps': 5})\n")
   cmd = [sys.executable, "-m", "big_clip.train", f"--config={cfg_file}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.Popen(cmd + [f"--workdir={tmp_path / 'killed'}"], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = tmp_path / "killed" / "checkpoints"
-  deadline = time.time() + 240
-  while time.time() < deadline and not (ckpt_dir.exists() and
-                                        any(p.name.isdigit() and int(p.name) >= 10
-                                            for p in ckpt_dir.iterdir())):
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert subprocess.run(cmd + [f"--workdir={tmp_path / 'killed'}"], cwd=ROOT, env=env,
-                        capture_output=True).returncode == 0
-  assert subprocess.run(cmd + [f"--workdir={tmp_path / 'straight'}"], cwd=ROOT, env=env,
-                        capture_output=True).returncode == 0
-  curve_killed, curve_straight = _loss_curve(tmp_path / "killed"), _loss_curve(
-      tmp_path / "straight")
+  killed = tmp_path / "killed"
+  rng = np.random.default_rng(0)
+  mid_write = [_kill_mid_checkpoint(cmd + [f"--workdir={killed}"], env, killed / "checkpoints",
+                                    int(step), float(rng.uniform(0, 0.02)))
+               for step in sorted(rng.choice(np.arange(5, 40, 5), 3, replace=False))]
+  assert any(mid_write), "no kill landed inside a checkpoint write; the test saw nothing"
+  for workdir in (killed, tmp_path / "straight"):
+    assert subprocess.run(cmd + [f"--workdir={workdir}"], cwd=ROOT, env=env,
+                          capture_output=True).returncode == 0
+  assert not [n for n in os.listdir(killed / "checkpoints") if "tmp" in n]
+  params_killed = export.restore_workdir(str(killed))[1]
+  params_straight = export.restore_workdir(str(tmp_path / "straight"))[1]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params_killed),
+               jax.device_get(params_straight))
+  curve_killed, curve_straight = _loss_curve(killed), _loss_curve(tmp_path / "straight")
   assert sorted(curve_killed) == list(range(1, 41))
   assert curve_killed == curve_straight
 
