@@ -80,6 +80,9 @@ def base() -> ml_collections.ConfigDict:
                  pool="cls"),
       text=dict(vocab_size=32000, max_len=64, width=512, depth=12, heads=8, mlp_dim=2048,
                 pool="eos", eos_id=3, pad_id=0,
+                # Long-CLIP fine-tuning (§3.1, as released): the first N rows of the position
+                # table get no gradient, so the well-trained short positions stay as they are.
+                freeze_positions=0,
                 kind="clip",  # 'clip': CLIP text transformer; 'llm': decoder LLM (llm.py)
                 # kind='llm' (LLM2CLIP). path: a Hugging Face Llama/Qwen2 folder (config.json,
                 # *.safetensors, tokenizer.json), loaded at init; '' = a random-init decoder
@@ -295,6 +298,9 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.data.max_len <= c.model.text.max_len,
        f"config.data.max_len={c.data.max_len} exceeds config.model.text.max_len="
        f"{c.model.text.max_len}, the number of text positions.")
+  need(0 <= c.model.text.freeze_positions < c.model.text.max_len,
+       f"config.model.text.freeze_positions={c.model.text.freeze_positions} must be in [0, "
+       f"config.model.text.max_len={c.model.text.max_len}) (Long-CLIP freezes 20).")
   need(c.model.image.image_size % c.model.image.patch_size == 0,
        f"config.model.image.image_size={c.model.image.image_size} is not divisible by "
        f"config.model.image.patch_size={c.model.image.patch_size}.")
@@ -378,8 +384,13 @@ def _validate_long_captions(c: ml_collections.ConfigDict) -> None:
          "config.data.languages={'en': 1.0} with config.data.long_captions.")
   lc = c.loss.long_clip
   if lc.enabled:
-    need(c.data.long_captions > 0, "config.loss.long_clip.enabled needs long captions: set "
-         "config.data.long_captions > 0 (each image then also gets its short caption).")
+    need(c.data.long_captions > 0 or (c.data.source != "embedded"
+                                      and c.data.long_caption_prob > 0),
+         "config.loss.long_clip.enabled needs long captions: set config.data.long_captions "
+         "> 0 (embedded data) or config.data.long_caption_prob > 0 (a source with a "
+         "'long_captions' field); each image then also gets its short caption.")
+    need(not c.data.pair_language, "config.loss.long_clip.enabled and config.data."
+         "pair_language both need the second caption of each example; set one of them off.")
     # PCA of a batch of B features: at most B - 1 directions carry variance.
     limit = min(c.data.global_batch // max(c.optim.grad_accum_steps, 1) - 1, c.model.embed_dim)
     need(1 <= lc.num_components < limit,

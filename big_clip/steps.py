@@ -92,7 +92,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     (loss, (scale, bias, parts)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)
     updates, opt = tx.update(grads, state["opt"], params)
-    params = optim.combine(optax.apply_updates(params, updates), frozen)
+    params = two_tower.clamp_logit_scale(optax.apply_updates(params, updates), config.model)
+    params = optim.combine(params, frozen)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Never let a NaN into the parameters (or a checkpoint): with either nan_policy the step
     # keeps the last finite state; 'stop' then raises on the host.

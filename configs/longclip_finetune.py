@@ -46,7 +46,8 @@ def _embedded(c, *, max_len: int, long_captions: float, steps: int, lr: float) -
   c.model.text.update(vocab_size=1024, max_len=max_len, width=64, depth=2, heads=4,
                       mlp_dim=256, pool="eos")
   c.data.update(source="embedded", global_batch=32, image_size=64, max_len=max_len,
-                languages={"en": 1.0}, long_captions=long_captions)
+                languages={"en": 1.0}, long_captions=long_captions, long_caption_prob=0.0)
+  c.loss.long_clip.enabled = False  # the fine-tunes below turn it on
   c.data.tokenizer.update(path="", vocab_size=1024)
   c.optim.update(lr=lr, warmup_steps=min(50, steps // 5), weight_decay=0.1)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
@@ -67,11 +68,16 @@ def get_config(arg: str | None = None):
   # 248 = 20 + 4 * (77 - 20): the stretched length of a 77-position table.
   c.model.text.update(vocab_size=32000, max_len=248, width=512, depth=12, heads=8,
                       mlp_dim=2048, pool="eos")
+  # As released: the first 20 rows of the stretched position table stay frozen (§3.1).
+  c.model.text.freeze_positions = 20
   c.loss.name = "softmax"
-  # §3.2's short-caption PCE loss needs a source that yields a short and a long caption per
-  # image; only the embedded source does so far (config.data.long_captions).
+  # Each shard record's 'long_captions' (ShareGPT4V) is the caption; §3.2's short-caption
+  # PCE term pairs the image with its short caption (the long one's first sentence when the
+  # record has no short 'captions', as the release does).
   c.data.update(source="shards:gs://YOUR_BUCKET/sharegpt4v/{00000..01199}.tar",
-                global_batch=1024, image_size=224, max_len=248, languages={"en": 1.0})
+                global_batch=1024, image_size=224, max_len=248, languages={"en": 1.0},
+                long_caption_prob=1.0)
+  c.loss.long_clip.update(enabled=True, short_weight=1.0, num_components=32)
   c.data.tokenizer.update(path="gs://YOUR_BUCKET/tokenizers/spm_en_32k.model",
                           vocab_size=32000)
   c.optim.update(lr=1e-6, warmup_steps=200, weight_decay=0.01, b2=0.98, eps=1e-6)
@@ -81,21 +87,23 @@ def get_config(arg: str | None = None):
 
   if arg == "base77":  # the pretrained CLIP: short captions and truncated long ones
     _embedded(c, max_len=77, long_captions=0.5, steps=400, lr=1e-3)
+    c.model.text.freeze_positions = 0  # the pretraining run trains every position
   elif arg in ("ft77", "ft248"):  # the same fine-tune budget, 77 (truncated) or 248 tokens
     _embedded(c, max_len=int(arg[2:]), long_captions=0.8, steps=200, lr=5e-4)
     c.loss.long_clip.update(enabled=True, short_weight=1.0, num_components=16)
+    c.model.text.freeze_positions = 20
   elif arg == "llm248":  # the LLM-tower column: a small random-init decoder, trained in-repo
     # The same budget as base77 + ft248 (600 steps, 360 of them long captions on average),
     # from scratch: a 2-layer Llama-style decoder (RoPE, so no position table to stretch,
     # GQA 4/2 heads, SwiGLU), mean-pooled, fully trained, linear adapter into the joint space.
     _embedded(c, max_len=248, long_captions=0.6, steps=600, lr=1e-3)
-    c.model.text.update(kind="llm")
+    c.model.text.update(kind="llm", freeze_positions=0)
     c.model.text.llm.update(path="", cache_dir="", freeze=False, lora_rank=0, pooling="mean",
                             adapter_hidden=0, dtype="float32", kv_heads=2)
   elif arg == "local":
     config_lib.shrink_for_local(c)
     c.model.text.max_len = c.data.max_len = 248
-    c.data.update(languages={"en": 1.0}, long_captions=1.0)
+    c.data.update(languages={"en": 1.0}, long_captions=1.0, long_caption_prob=0.0)
     c.loss.long_clip.update(enabled=True, num_components=4)
     c.eval.update(num_images=16)
     c.evals = ("zeroshot:embedded", "long_captions:embedded,limit=16")

@@ -33,8 +33,9 @@ def main(out_path: str, spm_path: str) -> None:
   results = {}
   for name, values in test_multihost.loss_results().items():
     results.update({f"{name}/{i}": v for i, v in enumerate(gathered(values))})
-  loss, params, _ = test_multihost.one_train_step(spm_path, accum_steps=4)
+  loss, grad_norm, params, _ = test_multihost.one_train_step(spm_path, accum_steps=4)
   results["train/loss"] = np.asarray(gathered(loss))
+  results["train/grad_norm"] = np.asarray(gathered(grad_norm))
   for path, leaf in jax.tree_util.tree_leaves_with_path(gathered(params)):
     results["train/params" + jax.tree_util.keystr(path)] = leaf
   if jax.process_index() == 0:

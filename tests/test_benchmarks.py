@@ -100,3 +100,14 @@ def test_loss_benchmark_rows_and_its_baselines(tmp_path):
   assert temp[(512, "sigmoid")] < temp[(512, "sigmoid:block")]
   # Doubling the batch quadruples the naive memory.
   assert temp[(512, "naive")] >= 3 * temp[(256, "naive")]
+
+
+def test_long_caption_bound_is_the_mean_of_one_over_the_group_size():
+  """benchmarks/long_caption_bounds.py: captions whose image shares the read attributes
+  with m images get 1/m; hand-counted on 4 images (groups of 2, 1, 1)."""
+  from benchmarks import long_caption_bounds
+
+  attrs = [dict(count=1, size=0), dict(count=1, size=0), dict(count=2, size=0),
+           dict(count=1, size=1)]
+  assert long_caption_bounds.r1_bound(attrs, ("count", "size")) == (0.5 + 0.5 + 1 + 1) / 4
+  assert long_caption_bounds.r1_bound(attrs, ("size",)) == (1 / 3 * 3 + 1) / 4

@@ -309,6 +309,31 @@ def test_each_kind_of_bad_sample_is_skipped_and_counted(tmp_path):
   it.close()
 
 
+def test_each_host_restores_its_own_skip_counts(tmp_path):
+  # Two simulated hosts of one run skip different numbers of examples; the saved data state
+  # (both hosts' entries, as the checkpoint's all-gather assembles them) gives each host
+  # back its own counts, not process 0's.
+  ex = [_example(i, {"xx": ["unknown"]} if i < 9 else {"en": [f"photo {i}"]})
+        for i in range(24)]
+  shards.write_shards(ex, str(tmp_path / "s"), "tar", 6)
+  source = f"shards:{tmp_path}/s-*.tar"
+  hosts = [_iterator(source, p=p, n=2, global_batch=4, languages={"en": 1.0}) for p in (0, 1)]
+  for it in hosts:
+    _take(it, 3)
+  states = [it.get_state() for it in hosts]
+  counts = [it.skipped() for it in hosts]
+  for it in hosts:
+    it.close()
+  assert counts[0] != counts[1] and all(counts), counts  # else the test could not fail
+  saved = dict(states[0], positions=[s["positions"][p] for p, s in enumerate(states)],
+               skipped=[s["skipped"][p] for p, s in enumerate(states)])
+  for p in (0, 1):
+    restored = _iterator(source, p=p, n=2, global_batch=4, languages={"en": 1.0})
+    restored.set_state(saved)
+    assert restored.skipped() == counts[p]
+    restored.close()
+
+
 def test_a_source_with_nothing_usable_is_an_error_naming_it(tmp_path):
   with tarfile.open(tmp_path / "bad.tar", "w") as tar:
     _add(tar, "a.jpg", b"")
@@ -357,6 +382,22 @@ def test_long_captions_are_used_with_their_probability(tmp_path):
   it.close()
   assert set(texts) == {"short", "long one"}
   assert abs(texts.count("long one") / len(texts) - 0.75) < 0.06  # 200 draws, ~3.5 sigma
+
+
+def test_long_clip_short_captions_come_with_long_ones_from_a_shard_source(tmp_path):
+  # Long-CLIP §3.2 on files: 'text' is the long caption (long_caption_prob 1), 'text_short'
+  # the image's short caption, or the long one's first sentence when it has none (as the
+  # release does for ShareGPT4V).
+  ex = [shards.RawExample(f"k{i}", _png(i), "png", {"en": [f"s{i}"]} if i % 2 else {},
+                          {"en": [f"long {i}. more"]}) for i in range(8)]
+  shards.write_shards(ex, str(tmp_path / "l"), "tar", 8)
+  it = pipeline.make(_cfg(f"shards:{tmp_path}/l-*.tar", long_caption_prob=1.0,
+                          languages={"en": 1.0}), 0, 1, tokenizer=CharTokenizer(), seed=0,
+                     with_short_captions=True)
+  batches = _take(it, 4)
+  it.close()
+  pairs = {(_text(t), _text(s)) for b in batches for t, s in zip(b["text"], b["text_short"])}
+  assert pairs == {(f"long {i}. more", f"s{i}" if i % 2 else f"long {i}") for i in range(8)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -332,10 +332,96 @@ def test_train_step_on_248_token_captions_with_pce_and_a_stretched_teacher(long_
     model = nnx.merge(setup.graphdef, params)
     img, txt = model(batch["image"], batch["text"])
     scale, _ = model.scale_and_bias()
-    contrastive = long_clip.loss(img, txt, model.encode_text(batch["text_short"]), scale,
-                                 None, num_components=3, short_weight=0.5,
-                                 base_loss=softmax.loss)
-    return 0.5 * contrastive + distill.loss(img, txt, batch["teacher_image"],
-                                            batch["teacher_text"], kl_weight=0.7)
+    contrastive = softmax.loss(img, txt, scale)
+    short = long_clip.loss(img, txt, model.encode_text(batch["text_short"]), scale, None,
+                           num_components=3, short_weight=1.0,
+                           base_loss=softmax.loss) - contrastive
+    # contrastive_weight 0.5 on the contrastive term only; short_weight 0.5 on its own term.
+    return 0.5 * contrastive + 0.5 * short + distill.loss(
+        img, txt, batch["teacher_image"], batch["teacher_text"], kl_weight=0.7)
 
   np.testing.assert_allclose(metrics["loss"], want(params, batch), rtol=1e-4)
+
+
+def test_frozen_positions_stay_bit_identical_and_get_no_gradient():
+  # Long-CLIP as released (§3.1): the first 20 rows of the stretched table are frozen while
+  # the rest fine-tunes. Here 4 of 16 rows: zero gradient (Adam's first moment stays 0),
+  # the same bits after 2 steps at full learning rate; every other row moves.
+  from big_clip import steps
+  from test_train import adam_first_moment, random_batch, tiny_config
+
+  config = tiny_config(**{"model.text.freeze_positions": 4, "optim.warmup_steps": 0,
+                          "optim.schedule": "warmup_constant"})
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  setup = steps.build(config, mesh)
+  before = np.asarray(jax.device_get(setup.state["params"]["text"]["positional_embedding"]))
+  state = setup.state
+  for seed in range(2):
+    state, _ = setup.step(state, sharding.place_batch(random_batch(config, seed), mesh))
+  after = np.asarray(jax.device_get(state["params"]["text"]["positional_embedding"]))
+  mu = np.asarray(jax.device_get(adam_first_moment(state["opt"])["text"]["positional_embedding"]))
+  np.testing.assert_array_equal(after[:4], before[:4])
+  assert not np.any(mu[:4])
+  assert np.all(np.abs(after[4:] - before[4:]).max(axis=1) > 1e-5)
+
+
+@pytest.mark.parametrize("max_len", [248, 77])
+def test_long_caption_retrieval_equals_recall_computed_from_the_embeddings(long_tokenizer,
+                                                                           max_len):
+  # big_clip/evals/long_captions.py against recall@k counted here from the model's own
+  # embeddings of the same images and captions (tokenized at the run's max_len: 77 cuts them).
+  from big_clip.evals import long_captions, specs, towers as towers_lib
+
+  c = config_lib.base()
+  c.model.update(embed_dim=8)
+  c.model.image.update(image_size=16, patch_size=8, width=16, depth=1, heads=2, mlp_dim=32)
+  c.model.text.update(vocab_size=1024, max_len=max_len, width=16, depth=1, heads=2, mlp_dim=32)
+  c.data.update(image_size=16, max_len=max_len, languages={"en": 1.0})
+  c.eval.update(batch_size=16)  # one batch: equal captions, equal scores
+  config_lib.validate(c)
+  tok = tokenizers.SpmTokenizer(long_tokenizer.model_path, max_len)
+  model = TwoTower(c.model, rngs=nnx.Rngs(params=3))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  towers = towers_lib.Towers.build(c, tok, graphdef, mesh)
+  spec = specs.parse("long_captions:embedded,limit=12")
+  [evaluator] = long_captions.Evaluator.build(spec, c, towers, "tiny")
+  [record] = evaluator.run(params)
+
+  images, captions = embedded.long_caption_set(12, seed=c.seed, image_size=16)
+  tokens = np.asarray(tok.encode(captions))
+  assert tokens.shape == (12, max_len)
+  img = np.asarray(model.encode_image(pipeline.normalize(images, c.data.mean, c.data.std)),
+                   np.float64)
+  txt = np.asarray(model.encode_text(jnp.asarray(tokens)), np.float64)
+  scores = img @ txt.T  # [image, caption]; caption i describes image i
+  # Cut at 77 tokens, two captions can be the same tokens: equal scores rank by index.
+  scores = np.round(scores, 5)
+  diag, before = np.diag(scores), np.tri(12, k=-1, dtype=bool)  # before[i, j]: j < i
+  text_rank = ((scores > diag[None, :]) | ((scores == diag[None, :]) & before.T)).sum(0)
+  image_rank = ((scores > diag[:, None]) | ((scores == diag[:, None]) & before)).sum(1)
+  assert record["dataset"] == "embedded_long_captions" and record["num_images"] == 12
+  for k in (1, 5, 10):
+    assert record["metrics"][f"image_retrieval_recall@{k}"] == pytest.approx(
+        np.mean(text_rank < k))
+    assert record["metrics"][f"text_retrieval_recall@{k}"] == pytest.approx(
+        np.mean(image_rank < k))
+
+
+def test_frozen_positions_and_file_source_long_captions_are_validated():
+  c = config_lib.base()
+  c.model.text.freeze_positions = c.model.text.max_len
+  with pytest.raises(config_lib.ConfigError, match="freeze_positions"):
+    config_lib.validate(c)
+  c = config_lib.base()
+  c.data.source = "shards:/data/*.tar"
+  c.loss.long_clip.enabled = True
+  with pytest.raises(config_lib.ConfigError, match="long_caption_prob > 0"):
+    config_lib.validate(c)
+  c.data.long_caption_prob = 1.0
+  config_lib.validate(c)  # PCM on a file source with long captions
+  c.loss.text_pair_weight, c.data.pair_language = 1.0, "en"
+  with pytest.raises(config_lib.ConfigError, match="pair_language"):
+    config_lib.validate(c)

@@ -276,7 +276,7 @@ def test_bfloat16_compute_is_close_to_float32_and_params_stay_float32(model):
     np.testing.assert_allclose(lo, hi, atol=2e-2)
 
 
-def test_scale_is_clipped_at_logit_scale_max_with_zero_gradient(model):
+def test_scale_is_exp_of_the_parameter_which_is_clamped_after_updates(model):
   scale, bias = model.scale_and_bias()
   np.testing.assert_allclose(scale, 1 / 0.07, rtol=1e-6)
   assert bias == 0.0 and scale.dtype == bias.dtype == jnp.float32
@@ -287,8 +287,18 @@ def test_scale_is_clipped_at_logit_scale_max_with_zero_gradient(model):
     grads = nnx.grad(lambda m: m.scale_and_bias()[0])(m)
     return m.scale_and_bias()[0], grads["logit_scale"][...]
 
-  assert scale_and_grad(np.log(1000.0)) == (100.0, 0.0)  # clipped: no gradient
-  np.testing.assert_allclose(scale_and_grad(np.log(20.0)), (20.0, 20.0), rtol=1e-5)  # d e^s
+  # No clipping in the forward pass: the gradient d e^s stays, also past the cap...
+  np.testing.assert_allclose(scale_and_grad(np.log(1000.0)), (1000.0, 1000.0), rtol=1e-5)
+  np.testing.assert_allclose(scale_and_grad(np.log(20.0)), (20.0, 20.0), rtol=1e-5)
+  # ...the parameter itself is clamped to [0, ln logit_scale_max] after each update.
+  from big_clip.models.two_tower import clamp_logit_scale
+
+  cfg = ml_collections.ConfigDict({"logit_scale_max": 100.0})
+  for value, want in ((7.0, np.log(100.0)), (-1.0, 0.0), (3.0, 3.0)):
+    params = {"logit_scale": jnp.float32(value), "other": jnp.ones(2)}
+    out = clamp_logit_scale(params, cfg)
+    np.testing.assert_allclose(out["logit_scale"], want, rtol=1e-6)
+    assert out["other"] is params["other"]
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -62,17 +62,20 @@ def loss_results() -> dict[str, tuple]:
 
 
 def one_train_step(spm_path: str, accum_steps: int):
-  """(loss, params after, params before) one step of train.build's compiled step on the
-  pipeline's first batch."""
-  from test_train import tiny_config
+  """(loss, gradient norm, params after, params before) one step of train.build's compiled
+  step on the pipeline's first batch."""
+  from test_train import SCALE_VISIBLE, tiny_config
 
   # The grouped loss (SigLIP in groups of 4 devices = one host each): the step is only equal
   # if every host's rows, and every micro-batch's rows, land on the same devices.
   config = tiny_config(**{"loss.name": "grouped", "loss.group_size": 4,
                           "loss.group_base": "sigmoid", "loss.accum_steps": accum_steps,
                           "data.global_batch": 32, "model.logit_bias_init": -10.0,
-                          # Full learning rate at step 0: the one update moves every weight.
-                          "optim.schedule": "warmup_constant", "optim.warmup_steps": 0})
+                          # Full learning rate at step 0: the one update moves every weight,
+                          # by ~lr * g (AdamW eps 1, no clipping), so the gradients' size
+                          # shows in the parameters, not only their sign.
+                          "optim.schedule": "warmup_constant", "optim.warmup_steps": 0},
+                       **SCALE_VISIBLE)
   config.model.image.depth = config.model.text.depth = 1
   config.data.tokenizer.path = spm_path
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
@@ -86,7 +89,7 @@ def one_train_step(spm_path: str, accum_steps: int):
   setup = steps.build(config, mesh)
   init = jax.tree.map(jnp.copy, setup.state["params"])  # the step donates its input
   state, metrics = setup.step(setup.state, batch)
-  return metrics["loss"], state["params"], init
+  return metrics["loss"], metrics["grad_norm"], state["params"], init
 
 
 # --------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def test_two_processes_compute_the_same_losses_and_train_step_as_one(tmp_path):
     # The children accumulate over 4 micro-batches (gradient cache); this process takes
     # the whole batch at once. Equal only if both the hosts' and the micro-batches' splits
     # keep every row on its device.
-    loss, params, init = jax.device_get(one_train_step(spm_path, accum_steps=1))
+    loss, grad_norm, params, init = jax.device_get(one_train_step(spm_path, accum_steps=1))
   finally:
     _wait(procs, out_path)
   got = dict(np.load(out_path))
@@ -154,6 +157,7 @@ def test_two_processes_compute_the_same_losses_and_train_step_as_one(tmp_path):
       np.testing.assert_allclose(got[f"{name}/{i}"], expected, rtol=1e-5, atol=1e-6,
                                  err_msg=f"{name}, output {i}")
   np.testing.assert_allclose(got["train/loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(got["train/grad_norm"], grad_norm, rtol=1e-5)
   leaves = jax.tree_util.tree_leaves_with_path(params)
   assert len(leaves) == sum(k.startswith("train/params") for k in got)
   for path, expected in leaves:

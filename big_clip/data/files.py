@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import io
+import json
 import math
 import queue
 import threading
@@ -119,6 +120,17 @@ def pair_caption(captions: Mapping[str, Sequence[str]], language: str, drawn: st
   return pool[int(rng.integers(len(pool)))] if pool else drawn
 
 
+def short_caption(captions: Mapping[str, Sequence[str]], language: str, drawn: str,
+                  rng: np.random.Generator) -> str:
+  """The short caption that Long-CLIP §3.2 pairs with an image's (long) caption: one of the
+  image's short captions in the drawn caption's language, else the drawn caption's first
+  sentence (the release's `caption.split('. ')[0]`, for sets with long captions only)."""
+  pool = [c for c in captions.get(language, ()) if c.strip()]
+  if pool:
+    return pool[int(rng.integers(len(pool)))]
+  return drawn.split(". ")[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Processing:
   """What turns a raw example into (image, caption, paired caption or ''); from
@@ -131,13 +143,15 @@ class Processing:
   long_caption_prob: float
   flip_prob: float = 0.0  # P(mirror the image left-right)
   pair_language: str = ""  # '': no paired caption
+  short_caption: bool = False  # the second caption is the image's short one (Long-CLIP)
 
   @classmethod
-  def from_config(cls, data_cfg: ml_collections.ConfigDict, seed: int) -> Processing:
+  def from_config(cls, data_cfg: ml_collections.ConfigDict, seed: int,
+                  short_caption: bool = False) -> Processing:
     languages, weights = languages_lib.language_table(data_cfg.languages)
     return cls(int(seed), int(data_cfg.image_size), float(data_cfg.crop_min_scale),
                languages, weights, float(data_cfg.long_caption_prob),
-               float(data_cfg.flip_prob), str(data_cfg.pair_language))
+               float(data_cfg.flip_prob), str(data_cfg.pair_language), bool(short_caption))
 
   def __call__(self, raw: shards.RawExample, epoch: int, file: int, item: int
                ) -> tuple[np.ndarray, str, str]:
@@ -153,9 +167,12 @@ class Processing:
     use_long = rng.random() < self.long_caption_prob  # always drawn: same stream either way
     if use_long and any(c.strip() for caps in raw.long_captions.values() for c in caps):
       captions = raw.long_captions
-    _, text = choose_caption(captions, self.languages, self.weights, rng)
+    language, text = choose_caption(captions, self.languages, self.weights, rng)
     pair = ""
-    if self.pair_language:  # from the short captions, on a stream of its own
+    if self.short_caption:
+      pair = short_caption(raw.captions, language, text,
+                           np.random.default_rng(key + [_PAIR_STREAM]))
+    elif self.pair_language:  # from the short captions, on a stream of its own
       pair = pair_caption(raw.captions, self.pair_language, text,
                           np.random.default_rng(key + [_PAIR_STREAM]))
     return image, text, pair
@@ -351,7 +368,8 @@ class SourceIterator:
   """Infinite iterator of host-local batches {'image': float32 [b, H, W, 3] normalized,
   'text': int32 [b, max_len]} of a real source; b = global_batch / process_count. With
   config.data.pair_language also 'text_pair': int32 [b, max_len], another caption of each
-  image in that language.
+  image in that language; with `with_short_captions` (Long-CLIP's PCM loss) 'text_short',
+  each image's short caption (`short_caption`).
 
   `get_state()` is the position after the last batch handed out; batches built ahead by
   the prefetch thread are not counted, and `set_state` discards them.
@@ -359,14 +377,20 @@ class SourceIterator:
 
   def __init__(self, data_cfg: ml_collections.ConfigDict, process_index: int,
                process_count: int, tokenizer: Any, seed: int, prefetch: int = 2,
-               normalize: Callable[[np.ndarray], np.ndarray] | None = None):
+               normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+               with_short_captions: bool = False):
     self._process_index, self._process_count = process_index, process_count
     self._local_batch = int(data_cfg.global_batch) // process_count
     self._max_len = int(data_cfg.max_len)
+    self._with_short = bool(with_short_captions)
+    if self._with_short and data_cfg.pair_language:
+      raise ValueError("Long-CLIP's short captions (config.loss.long_clip) and "
+                       "config.data.pair_language both need the second caption slot; turn one "
+                       "of them off.")
     self._with_pair = bool(data_cfg.pair_language)
     self._tokenizer, self._seed = tokenizer, int(seed)
     self._normalize = normalize
-    self._process = Processing.from_config(data_cfg, seed)
+    self._process = Processing.from_config(data_cfg, seed, self._with_short)
     self._source = _make_source(data_cfg, process_index, process_count)
     self._epoch_fn = file_epoch if isinstance(self._source, FileSource) else tfds_epoch
     if isinstance(self._source, FileSource) and not len(self._source.refs):
@@ -434,8 +458,8 @@ class SourceIterator:
     stacked = np.stack(images)
     batch = {"image": self._normalize(stacked) if self._normalize else stacked,
              "text": self._tokens(texts)}
-    if self._with_pair:
-      batch["text_pair"] = self._tokens(pairs)
+    if self._with_pair or self._with_short:
+      batch["text_short" if self._with_short else "text_pair"] = self._tokens(pairs)
     return batch
 
   def _produce(self, out: queue.Queue, stop: threading.Event, epoch: int, position: int):
@@ -487,11 +511,16 @@ class SourceIterator:
       from jax.experimental import multihost_utils
       positions = np.asarray(multihost_utils.process_allgather(np.array(mine, np.int64)))
       positions = positions.reshape(-1, 2).tolist()
+      skipped = _allgather_json(self._skipped)
     else:
-      positions = {self._process_index: mine}
-      positions = [positions.get(p) for p in range(self._process_count)]
+      positions = [mine if p == self._process_index else None
+                   for p in range(self._process_count)]
+      skipped = [self._skipped if p == self._process_index else None
+                 for p in range(self._process_count)]
+    # Every host's own skip counts, indexed by process like the positions: each host
+    # restores its own.
     return {"seed": self._seed, "process_count": self._process_count,
-            "positions": positions, "source": self._source.name, "skipped": self._skipped}
+            "positions": positions, "source": self._source.name, "skipped": skipped}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     if "positions" not in state:
@@ -508,7 +537,10 @@ class SourceIterator:
       raise ValueError(f"The data state has no position for process {self._process_index}.")
     self.close()
     self._epoch, self._position = int(mine[0]), int(mine[1])
-    self._skipped = {k: int(v) for k, v in dict(state.get("skipped", {})).items()}
+    skipped = state.get("skipped") or {}
+    if isinstance(skipped, list):
+      skipped = skipped[self._process_index] or {}
+    self._skipped = {k: int(v) for k, v in dict(skipped).items()}
 
   def close(self) -> None:
     """Stops the prefetch thread; the next batch restarts it from the current state."""
@@ -520,6 +552,18 @@ class SourceIterator:
   def __del__(self) -> None:
     if getattr(self, "_stop", None) is not None:
       self._stop.set()
+
+
+def _allgather_json(value: Any) -> list[Any]:
+  """`value` (JSON-serializable) of every process, in process order (a collective)."""
+  from jax.experimental import multihost_utils
+
+  mine = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([len(mine)], np.int64)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(mine)] = mine
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(row[:int(n)].tobytes()) for row, n in zip(every, lengths.reshape(-1))]
 
 
 def _make_source(data_cfg: ml_collections.ConfigDict, process_index: int,

@@ -248,7 +248,8 @@ def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count:
   if data_cfg.source != "embedded":
     mean, std = _mean_std(data_cfg.mean, data_cfg.std)
     return files.SourceIterator(data_cfg, process_index, process_count, tokenizer, seed,
-                                 prefetch, normalize=lambda x: normalize(x, mean, std))
+                                prefetch, normalize=lambda x: normalize(x, mean, std),
+                                with_short_captions=with_short_captions)
   return EmbeddedIterator(data_cfg, process_index, process_count, tokenizer, seed, prefetch,
                           with_short_captions)
 

@@ -48,7 +48,10 @@ def make(config: ml_collections.ConfigDict
   def total(contrastive: jax.Array, model: Any, batch: dict, img_emb: jax.Array,
             txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *, mesh
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    out, parts = contrastive, {"loss/contrastive": contrastive}
+    # distill.contrastive_weight weights the contrastive loss alone (ProCLIP stage 1 sets it
+    # to 0 and keeps the other terms).
+    weight = float(dist.contrastive_weight) if dist.enabled else 1.0
+    out, parts = weight * contrastive, {"loss/contrastive": contrastive}
     if lc.enabled:  # Long-CLIP §3.2: 'text' holds long captions, 'text_short' short ones
       parts["loss/short_caption"] = long_clip.short_caption_loss(
           img_emb, model.encode_text(batch["text_short"]), scale, bias,
@@ -63,7 +66,7 @@ def make(config: ml_collections.ConfigDict
           img_emb, txt_emb, batch["teacher_image"], batch["teacher_text"],
           feature=dist.feature, feature_weight=float(dist.feature_weight),
           kl_weight=float(dist.kl_weight), temperature=float(dist.temperature), mesh=mesh)
-      out = float(dist.contrastive_weight) * out + parts["loss/distill"]
+      out = out + parts["loss/distill"]
     return out, parts
 
   return total

@@ -97,6 +97,7 @@ class TextTransformer(nnx.Module):
     self.cfg = cfg = layers.TransformerConfig.from_config(model_cfg, "text")
     self.pool = layers.choose(c.pool, POOLS, "config.model.text.pool")
     self.max_len, self.eos_id, self.pad_id = int(c.max_len), int(c.eos_id), int(c.pad_id)
+    self.freeze_positions = int(c.freeze_positions)
     # CLIP's text tower is causal; SigLIP's attends both ways (`text.causal=False`).
     self.causal = bool(c.causal)
     w = cfg.width
@@ -121,7 +122,11 @@ class TextTransformer(nnx.Module):
       raise ValueError(f"text of length {length} exceeds config.model.text.max_len="
                        f"{self.max_len}; truncate in the tokenizer or raise max_len.")
     # Shorter sequences use the first `length` positions.
-    x = self.token_embedding(tokens) + self.positional_embedding[:length].astype(self.cfg.dtype)
+    positions = self.positional_embedding[:length]
+    if self.freeze_positions:  # Long-CLIP §3.1: rows < N stay as trained (zero gradient)
+      n = self.freeze_positions
+      positions = jnp.concatenate([jax.lax.stop_gradient(positions[:n]), positions[n:]])
+    x = self.token_embedding(tokens) + positions.astype(self.cfg.dtype)
     x = sharding.constrain(x, layers.ACT_EMBED)
     x = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat, causal=self.causal)
     # LayerNorm is per token, so pooling before ln_final equals CLIP's ln_final-then-pool.

@@ -44,7 +44,6 @@ class TwoTower(nnx.Module):
     # CLIP: logit_scale = log(1/0.07); SigLIP: log(10) with logit_bias = -10.
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
     self.logit_bias = nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32))
-    self.logit_scale_max = float(cfg.logit_scale_max)
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] normalized images -> L2-normalized float32 [B, embed_dim]."""
@@ -63,14 +62,25 @@ class TwoTower(nnx.Module):
     return self.encode_image(images), self.encode_text(tokens)
 
   def scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
-    """(min(exp(logit_scale), logit_scale_max), logit_bias) as float32 scalars.
-
-    jnp.minimum gives zero gradient once clipped, like open_clip's `logit_scale.clamp_`
-    (Radford et al. 2021 §2.5: "clipped to prevent scaling the logits by more than 100").
-    """
-    scale = jnp.minimum(jnp.exp(self.logit_scale[...].astype(jnp.float32)),
-                        self.logit_scale_max)
+    """(exp(logit_scale), logit_bias) as float32 scalars. The cap logit_scale_max is kept
+    by `clamp_logit_scale` on the parameter after each update, as open_clip does."""
+    scale = jnp.exp(self.logit_scale[...].astype(jnp.float32))
     return scale, self.logit_bias[...].astype(jnp.float32)
+
+
+def clamp_logit_scale(params: dict, model_cfg: Any) -> dict:
+  """`params` (a pure dict) with `logit_scale` clamped to [0, ln(logit_scale_max)].
+
+  Radford et al. 2021 §2.5: the temperature is "clipped to prevent scaling the logits by
+  more than 100". open_clip clamps the parameter after each step (`logit_scale.clamp_(0,
+  ln 100)`), not the value in the forward pass: clipping the value would zero its gradient
+  once past the cap, and the parameter could never come back down.
+  """
+  if "logit_scale" not in params:  # frozen (not in the trainable part)
+    return params
+  cap = jnp.log(jnp.float32(model_cfg.logit_scale_max))
+  return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, cap).astype(
+      params["logit_scale"].dtype)}
 
 
 def init_fn(model_cfg: Any, seed: int = 0) -> Callable[[], TwoTower]:
