@@ -31,7 +31,7 @@ from big_clip import losses
 from big_clip.losses import auxiliary
 from big_clip.data import pipeline, tokenizers
 from big_clip.losses import grad_cache
-from big_clip.models import adapt, llm, two_tower
+from big_clip.models import adapt, llm, two_tower, vit
 
 State = dict[str, Any]  # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'}
 
@@ -92,11 +92,13 @@ def _eta(seconds: float) -> str:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, loss_fn: Callable, mesh: jax.sharding.Mesh | None,
                     config: ml_collections.ConfigDict,
-                    trainable: Any = None) -> Callable[[State, dict], tuple]:
+                    trainable: Any = None, mask_patches: bool = True
+                    ) -> Callable[[State, dict], tuple]:
   """A pure `(state, batch) -> (state, metrics)`; jit it with shardings.
 
   `trainable` (optim.trainable_mask) marks the params that get gradients and optimizer
   state; the others (a frozen LLM base) pass through unchanged. None: all of them.
+  `mask_patches`: apply `config.model.image.patch_dropout` (False for FLIP's unmasked tail).
   """
   accum = config.optim.grad_accum_steps
   skip_nonfinite = True  # both policies keep the last finite params; 'stop' raises on host
@@ -106,7 +108,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def compute_loss(params, frozen, batch):
     model = nnx.merge(graphdef, optim.combine(params, frozen))
-    img_emb, txt_emb = model(batch["image"], batch["text"])
+    img_emb, txt_emb = model(batch["image"], batch["text"], batch.get("patch_noise"))
     scale, bias = model.scale_and_bias()
     loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
     parts = {}  # the terms of a composite loss, logged as metrics
@@ -120,7 +122,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if config.loss.accum_steps > 1:  # one contrastive batch, backprop in micro-batches
       model = lambda p: nnx.merge(graphdef, optim.combine(p, frozen))
       (loss, (scale, bias)), grads = grad_cache.value_and_grad(
-          lambda p, b: model(p)(b["image"], b["text"]),
+          lambda p, b: model(p)(b["image"], b["text"], b.get("patch_noise")),
           lambda p: model(p).scale_and_bias(), loss_fn, params, batch,
           accum_steps=config.loss.accum_steps, mesh=mesh)
       return (loss, (scale, bias, {})), grads
@@ -141,6 +143,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return (loss_sum / accum, aux), jax.tree.map(lambda g: g / accum, grad_sum)
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    if mask_patches and config.model.image.patch_dropout > 0:  # per example: any mesh or
+      batch = {**batch, "patch_noise": vit.patch_noise(  # micro-batching draws the same
+          config, state["step"], batch["image"].shape[0])}  # mask; resumes exactly
     params, frozen = split(state["params"])
     (loss, (scale, bias, parts)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)
@@ -219,6 +224,19 @@ class Setup:
   step: Any  # compiled (state, batch) -> (state, metrics); donates the state
   schedule: optax.Schedule
   compile_seconds: float
+  # FLIP's unmasked tail: from this global step on (0 = never), `step_for` returns the step
+  # compiled without patch dropout (compiled at first use).
+  unmasked_after: int = 0
+  compile_unmasked: Callable[[], Any] | None = None
+  unmasked_step: Any = None
+
+  def step_for(self, step: int) -> Any:
+    """The compiled step that makes global step `step` (1-based)."""
+    if not self.unmasked_after or step <= self.unmasked_after:
+      return self.step
+    if self.unmasked_step is None:
+      self.unmasked_step = self.compile_unmasked()
+    return self.unmasked_step
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -246,8 +264,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   n_trainable = sum(x.size for x in jax.tree.leaves(optim.partition(abs_params, trainable)[0]))
   logging.info("Model: %.2fM parameters, %.2fM trainable", n_params / 1e6, n_trainable / 1e6)
 
-  step_fn = make_train_step(graphdef, tx, schedule, losses.from_config(config.loss), mesh,
-                            config, trainable)
+  step_fn = lambda mask: make_train_step(graphdef, tx, schedule,
+                                         losses.from_config(config.loss), mesh, config,
+                                         trainable, mask_patches=mask)
   batch_sharding = sharding.batch_sharding(mesh)
   gb, size = config.data.global_batch, config.data.image_size
   text_shape, text_dtype = llm.text_input_shape(config.model, config.data.max_len)
@@ -261,17 +280,24 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     state = jax.jit(init_state, out_shardings=state_shardings)()
     two_tower.load_pretrained(state["params"], config.model, param_shardings)
     t0 = time.perf_counter()
-    compiled = jax.jit(
-        step_fn, in_shardings=(state_shardings, {k: batch_sharding for k in abs_batch}),
-        out_shardings=(state_shardings, repl), donate_argnums=(0,),
-    ).lower(checkpoints.abstract_like(state), abs_batch).compile()
+
+  def compile_step(mask: bool = True) -> jax.stages.Compiled:
+    with jax.set_mesh(mesh):
+      return jax.jit(
+          step_fn(mask), in_shardings=(state_shardings, {k: batch_sharding for k in abs_batch}),
+          out_shardings=(state_shardings, repl), donate_argnums=(0,),
+      ).lower(checkpoints.abstract_like(state), abs_batch).compile()
+
+  compiled = compile_step()
   compile_seconds = time.perf_counter() - t0
   logging.info("Compiled the train step in %.1f s", compile_seconds)
   mem = compiled.memory_analysis()
   if mem is not None:
     logging.info("Step memory per device: %.1f MiB arguments, %.1f MiB temporaries",
                  mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
-  return Setup(graphdef, state, state_shardings, compiled, schedule, compile_seconds)
+  until = config.model.image.patch_dropout_until_step if config.model.image.patch_dropout else 0
+  return Setup(graphdef, state, state_shardings, compiled, schedule, compile_seconds,
+               until, lambda: compile_step(mask=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,8 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
 
   # ---------------------------------------------------------------------- Model and optimizer.
   setup = build(config, mesh, teacher_dim)
-  state, schedule, compiled_step, graphdef = (setup.state, setup.schedule, setup.step,
-                                              setup.graphdef)
+  state, schedule, graphdef = setup.state, setup.schedule, setup.graphdef
   abs_state = checkpoints.abstract_like(state)
 
   # ------------------------------------------------------------------------ Load checkpoint.
@@ -369,7 +394,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   for step in range(first_step + 1, config.total_steps + 1):
     batch = sharding.place_batch(next(data_iter), mesh)
     with jax.transfer_guard("disallow"):  # no silent host<->device copies in the loop
-      state, metrics = compiled_step(state, batch)
+      state, metrics = setup.step_for(step)(state, batch)
     pending.append(metrics)
 
     if step % config.log_every == 0 or step == config.total_steps:
