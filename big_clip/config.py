@@ -134,8 +134,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.image.patch_dropout = 0.0
   c.model.image.patch_dropout_until_step = 0
   # Attention kernel: 'xla' = jax.nn.dot_product_attention (cuDNN flash on GPU, fused on
-  # TPU); 'einsum' = heads kept in the batch dims with a hand-written backward
-  # (layers.einsum_attention), faster on CPU; 'auto' = 'einsum' on CPU, 'xla' elsewhere.
+  # TPU); 'einsum' = one fused q/k/v matmul and a written-out backward
+  # (layers.einsum_attention); 'auto' = 'einsum' on CPU, 'xla' elsewhere
+  # (python -m benchmarks.attention compares the two on any machine).
   c.model.attention_impl = "auto"
   c.model.text.causal = True  # causal self-attention (CLIP); SigLIP attends both ways
   c.model.text.proj_bias = False  # SigLIP's text head has a bias

@@ -173,9 +173,10 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Fa
   q [B, T, N, D], k and v [B, S, N, D] -> [B, T, N, D], as jax.nn.dot_product_attention.
 
   The backward is written out (dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
-  dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d)) so that every product is one batched
-  matmul over (B, N) reading the saved P: autodiff of the same forward emits extra
-  layout copies around the softmax and the head axes on XLA:CPU.
+  dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d)): five batched matmuls over (B, N) that read
+  the saved float32 P, whatever layout XLA would pick for the autodiff of the forward.
+  No kernel library is needed, so it runs on any backend; on GPU/TPU
+  jax.nn.dot_product_attention has fused kernels ('auto' picks it there).
   """
   return _einsum_attention_fwd(q, k, v, causal)[0]
 
