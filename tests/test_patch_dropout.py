@@ -1,6 +1,8 @@
 """FLIP patch dropout (Li et al. 2023): which tokens are kept, that eval and rate 0 are
 untouched, and that the masked train step is the same on 8 devices as on 1."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,13 +87,20 @@ def first_moves(config, mesh, batch, steps=(1,)):
   return moves
 
 
+@functools.lru_cache(maxsize=None)
+def one_device_moves():
+  """The 1-device masked and unmasked moves, shared by the tests below (numpy)."""
+  config = masked_config()
+  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  return first_moves(config, one, test_train.random_batch(config), steps=(1, 2))
+
+
 def test_masked_step_on_8_devices_equals_1_device_and_the_tail_is_unmasked():
   config = masked_config()
   config_lib.validate(config)
   batch = test_train.random_batch(config)
-  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   eight = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  masked_1, unmasked_1 = first_moves(config, one, batch, steps=(1, 2))
+  masked_1, unmasked_1 = one_device_moves()
   masked_8, = first_moves(config, eight, batch)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
                masked_8, masked_1)
@@ -99,6 +108,17 @@ def test_masked_step_on_8_devices_equals_1_device_and_the_tail_is_unmasked():
   diff = lambda a, b: np.abs(a - b).max()
   img = jax.tree.leaves(jax.tree.map(diff, masked_1["image"], unmasked_1["image"]))
   assert max(img) > 1e-3
+
+
+def test_gradient_cache_micro_batches_mask_each_example_as_the_whole_batch_does():
+  """The noise is drawn per example of the global batch, so embedding it in 2 micro-batches
+  (loss.accum_steps) masks the same patches and gives the same gradients."""
+  config = masked_config()
+  config.loss.accum_steps = 2
+  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  accum, = first_moves(config, one, test_train.random_batch(config))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+               accum, one_device_moves()[0])
 
 
 @pytest.mark.parametrize("key,value,message", [
