@@ -12,7 +12,8 @@ Per example, for a transformer tower of depth L, width W, MLP width M over T tok
                                                              as XLA computes it in full)
                 MLP fc1 + fc2               2 * T * 2 W M
     image tower adds the patch embedding 2 * N * (p^2 * 3) * W (N patches, T = N + 1 with
-    a class token) and the projection 2 * W * E; the text tower adds the projection
+    a class token; with FLIP patch dropout at rate r the blocks see T = max(1, int(N (1 - r)))
+    + 1 tokens, the patch embedding still all N) and the projection 2 * W * E; the text tower adds the projection
     2 * W * E (the token embedding is a lookup, 0 FLOPs).
 Per step, the softmax loss scores each image against every text and each text against
 every image: 2 * (2 * B * B * E) (big_clip.losses.softmax computes both [b, B] blocks).
@@ -40,16 +41,20 @@ class Tower:
     return self.depth * self.layer_forward() + self.extra_forward
 
 
-def towers(model_cfg: Any, text_len: int | None = None) -> tuple[Tower, Tower]:
-  """(image, text) towers of `config.model`; `text_len` defaults to model.text.max_len."""
+def towers(model_cfg: Any, text_len: int | None = None, masked: bool = False
+           ) -> tuple[Tower, Tower]:
+  """(image, text) towers of `config.model`; `text_len` defaults to model.text.max_len;
+  `masked`: the image blocks see the tokens left by model.image.patch_dropout (training)."""
   im, tx, e = model_cfg.image, model_cfg.text, int(model_cfg.embed_dim)
   patches = (im.image_size // im.patch_size) ** 2
-  image = Tower(tokens=patches + (im.pool == "cls"), width=im.width, depth=im.depth,
+  rate = float(im.get("patch_dropout", 0.0)) if masked else 0.0
+  kept = max(1, int(patches * (1.0 - rate))) if rate else patches
+  image = Tower(tokens=kept + (im.pool == "cls"), width=im.width, depth=im.depth,
                 mlp_dim=im.mlp_dim,
                 extra_forward=2 * patches * im.patch_size ** 2 * 3 * im.width
                 + 2 * im.width * e)
   if im.pool == "map":  # one probe query attending over the patches + the head's MLP
-    head = 2 * (2 * im.width ** 2 + 2 * patches * im.width ** 2 + 2 * 2 * patches * im.width
+    head = 2 * (2 * im.width ** 2 + 2 * kept * im.width ** 2 + 2 * 2 * kept * im.width
                 + 2 * 2 * im.width * im.mlp_dim)
     image = dataclasses.replace(image, extra_forward=image.extra_forward + head)
   text = Tower(tokens=text_len or tx.max_len, width=tx.width, depth=tx.depth,
@@ -63,8 +68,9 @@ def loss_forward(global_batch: int, embed_dim: int) -> int:
 
 
 def train_step_flops(model_cfg: Any, global_batch: int, text_len: int | None = None) -> int:
-  """Model FLOPs of one training step (forward + backward = 3 x forward) at `global_batch`."""
-  image, text = towers(model_cfg, text_len)
+  """Model FLOPs of one training step (forward + backward = 3 x forward) at `global_batch`,
+  with the image tower on the tokens patch dropout leaves."""
+  image, text = towers(model_cfg, text_len, masked=True)
   forward = global_batch * (image.forward() + text.forward())
   forward += loss_forward(global_batch, int(model_cfg.embed_dim))
   return 3 * forward

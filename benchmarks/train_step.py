@@ -1,6 +1,10 @@
 r"""Train-step throughput and MFU of big_clip against the same model in PyTorch, one run.
 
-    python -m benchmarks.train_step --model clip_vit_b32 --global_batch 16 --json /tmp/b32.json
+    python -m benchmarks.train_step --model clip_vit_b32 --global_batch 32 \
+        --patch_dropout 0,0.5,0.75 --dtype float32,bfloat16 --json /tmp/b32.json
+
+One row per (dtype, patch_dropout, attention_impl) configuration, written to --json as a
+list as soon as it is measured.
 
 big_clip side: the real step from `big_clip.steps.build` (AOT-compiled, state donated),
 synthetic batches already on the device, no host sync in the timed loop except the final
@@ -10,6 +14,13 @@ and projection, with `torch.optim.AdamW` (same lr, betas, eps, decay on matrices
 global-norm clipping, forward + CLIP loss + backward + step. The parameter counts must match
 (ours has one more: the logit bias) or the run stops before timing.
 
+Patch dropout (FLIP): our step drops patches itself (`model.image.patch_dropout`); HF
+`CLIPVisionModel` has none, so the peer gets open_clip's `PatchDropout` as a forward hook on
+`vision_model.embeddings`: per image the class token plus `max(1, int(N (1 - r)))` patches
+picked by `torch.rand(B, N).topk`, before `pre_layrnorm`, i.e. the same tokens count at the
+same place. bfloat16: our compute dtype with float32 parameters; the peer runs its forward
+under `torch.autocast('cpu', torch.bfloat16)`, the same mixed precision.
+
 Measurements alternate (peak matmul, big_clip, PyTorch) x rounds and report medians, so slow
 phases of a shared machine hit both sides. MFU = analytic model FLOP/s (benchmarks/flops.py)
 divided by the peak measured in the same run: a large jnp matmul in the compute dtype.
@@ -18,6 +29,7 @@ divided by the peak measured in the same run: a large jnp matmul in the compute 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -30,17 +42,21 @@ import numpy as np
 
 from benchmarks import flops
 from big_clip import sharding, steps
+from big_clip.models import layers
 from configs import clip_vit_b32
 
 MODELS = ("clip_vit_b32", "small")
 
 
-def model_config(name: str, global_batch: int, dtype: str, scan_layers: bool, remat: bool):
+def model_config(name: str, global_batch: int, dtype: str, scan_layers: bool, remat: bool,
+                 patch_dropout: float = 0.0, attention_impl: str = "auto"):
   """configs/clip_vit_b32.py at `global_batch` on this host ('small' shrinks the towers)."""
   if name not in MODELS:
     raise ValueError(f"--model={name!r}; allowed: {', '.join(MODELS)}.")
   c = clip_vit_b32.get_config()
-  c.model.update(dtype=dtype, scan_layers=scan_layers, remat=remat)
+  c.model.update(dtype=dtype, scan_layers=scan_layers, remat=remat,
+                 attention_impl=attention_impl)
+  c.model.image.patch_dropout = patch_dropout
   if name == "small":  # a 4-layer, 256-wide pair on 64 px / 32 tokens
     c.model.update(embed_dim=256)
     c.model.image.update(image_size=64, patch_size=8, width=256, depth=4, heads=4, mlp_dim=1024)
@@ -130,6 +146,22 @@ def hf_clip_config(model_cfg):
                     projection_dim=model_cfg.embed_dim)
 
 
+def torch_patch_dropout(rate: float):
+  """open_clip's PatchDropout as a forward hook on HF `CLIPVisionEmbeddings`: keeps the class
+  token and a random `max(1, int(N (1 - rate)))` of the N patch tokens per image."""
+  import torch
+
+  def hook(module, inputs, tokens):  # tokens [B, 1 + N, W], positions already added
+    del module, inputs
+    b, n = tokens.shape[0], tokens.shape[1] - 1
+    keep = max(1, int(n * (1.0 - rate)))
+    idx = torch.rand(b, n).topk(keep, dim=-1).indices + 1
+    patches = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+    return torch.cat([tokens[:, :1], patches], dim=1)
+
+  return hook
+
+
 class TorchRunner:
 
   def __init__(self, config, batch: dict[str, jax.Array], threads: int):
@@ -140,6 +172,10 @@ class TorchRunner:
     torch.manual_seed(0)
     self.torch = torch
     self.model = CLIPModel(hf_clip_config(config.model)).train()
+    rate = float(config.model.image.patch_dropout)
+    if rate:
+      self.model.vision_model.embeddings.register_forward_hook(torch_patch_dropout(rate))
+    self.bf16 = config.model.dtype == "bfloat16"
     self.n_params = sum(p.numel() for p in self.model.parameters())
     o = config.optim
     decay = [p for p in self.model.parameters() if p.ndim >= 2]  # as optim.DECAY_LEAF_NAMES
@@ -157,7 +193,8 @@ class TorchRunner:
     t0 = time.perf_counter()
     for _ in range(steps):
       self.opt.zero_grad(set_to_none=True)
-      out = self.model(input_ids=self.ids, pixel_values=self.pixels, return_loss=True)
+      with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16):
+        out = self.model(input_ids=self.ids, pixel_values=self.pixels, return_loss=True)
       out.loss.backward()
       if self.clip_norm > 0:
         self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
@@ -173,9 +210,10 @@ def check_same_size(ours: int, theirs: int) -> None:
                        f"HF CLIPModel {theirs}; the peer is not the same model.")
 
 
-def benchmark(args) -> dict[str, Any]:
-  config = model_config(args.model, args.global_batch, args.dtype, args.scan_layers,
-                        args.remat)
+def benchmark(args, dtype: str, patch_dropout: float, attention_impl: str) -> dict[str, Any]:
+  """One row: big_clip and the PyTorch peer at one configuration, alternating."""
+  config = model_config(args.model, args.global_batch, dtype, args.scan_layers,
+                        args.remat, patch_dropout, attention_impl)
   ours = BigClipRunner(config)
   peer = None if args.no_torch else TorchRunner(config, ours.batch, args.threads)
   if peer is not None:
@@ -184,7 +222,7 @@ def benchmark(args) -> dict[str, Any]:
 
   peaks, ours_s, torch_s = [], [], []
   for _ in range(args.rounds):  # A B A B: a slow phase of the shared machine hits both
-    peaks.append(peak_matmul_flops(args.dtype))
+    peaks.append(peak_matmul_flops(dtype))
     ours_s.append(ours.run(args.steps) / args.steps)
     if peer is not None:
       torch_s.append(peer.run(args.steps) / args.steps)
@@ -193,7 +231,9 @@ def benchmark(args) -> dict[str, Any]:
   ex_s = args.global_batch / sec
   torch_ex_s = args.global_batch / statistics.median(torch_s) if torch_s else float("nan")
   return {
-      "model": args.model, "global_batch": args.global_batch, "dtype": args.dtype,
+      "model": args.model, "global_batch": args.global_batch, "dtype": dtype,
+      "patch_dropout": patch_dropout,
+      "attention_impl": layers.attention_impl(attention_impl),
       "scan_layers": args.scan_layers, "remat": args.remat,
       "params": int(ours.n_params), "compile_s": ours.setup.compile_seconds,
       "steps_per_s": 1 / sec, "big_clip_examples_per_s": ex_s,
@@ -201,14 +241,45 @@ def benchmark(args) -> dict[str, Any]:
       "model_flops_per_step": model_flops, "xla_flops_per_step": ours.xla_flops,
       "achieved_flops": model_flops / sec, "peak_flops": peak, "mfu": model_flops / sec / peak,
       "devices": jax.device_count(), "threads": args.threads,
+      "big_clip_seconds": ours_s, "torch_seconds": torch_s,
   }
 
 
-def main(argv=None) -> None:
+def floats(text: str) -> list[float]:
+  return [float(x) for x in text.split(",") if x]
+
+
+def print_row(r: dict[str, Any]) -> None:
+  print(f"{r['model']} B={r['global_batch']} {r['dtype']} patch_dropout={r['patch_dropout']} "
+        f"attention={r['attention_impl']} scan={r['scan_layers']} remat={r['remat']} "
+        f"params={r['params'] / 1e6:.2f}M compile {r['compile_s']:.1f}s")
+  print(f"  big_clip {r['big_clip_examples_per_s']:.2f} ex/s ({r['steps_per_s']:.3f} steps/s)"
+        f"  torch {r['torch_examples_per_s']:.2f} ex/s  ratio {r['ratio']:.2f}")
+  print(f"  model FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (XLA cost_analysis "
+        f"{r['xla_flops_per_step'] / 1e9:.1f} G)  achieved {r['achieved_flops'] / 1e9:.1f} "
+        f"GFLOP/s  peak {r['peak_flops'] / 1e9:.1f} GFLOP/s  MFU {100 * r['mfu']:.1f}%",
+        flush=True)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+  cols = ("model", "global_batch", "dtype", "patch_dropout", "attention_impl",
+          "big_clip_examples_per_s", "torch_examples_per_s", "ratio", "mfu", "peak_flops")
+  print("| " + " | ".join(cols) + " |")
+  print("|" + "---|" * len(cols))
+  for r in rows:
+    cells = [f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+    print("| " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> list[dict[str, Any]]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="clip_vit_b32", choices=MODELS)
   p.add_argument("--global_batch", type=int, default=16)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--dtype", default="float32",
+                 help="comma-separated compute dtypes: float32, bfloat16")
+  p.add_argument("--patch_dropout", default="0", help="comma-separated FLIP rates, e.g. 0,0.5")
+  p.add_argument("--attention_impl", default="auto",
+                 help="comma-separated config.model.attention_impl values: auto, xla, einsum")
   # nnx.scan over layers: 15-20% more ex/s than unrolled on CPU for B/32 and a 13 s compile
   # instead of 42 s (benchmarks/RESULTS.md); the pod recipes scan too.
   p.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True)
@@ -219,19 +290,27 @@ def main(argv=None) -> None:
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
   p.add_argument("--json", default=None, help="write the result here")
   args = p.parse_args(argv)
-  r = benchmark(args)
-  print(f"{r['model']} B={r['global_batch']} {r['dtype']} scan={r['scan_layers']} "
-        f"remat={r['remat']} params={r['params'] / 1e6:.2f}M compile {r['compile_s']:.1f}s")
-  print(f"  big_clip {r['big_clip_examples_per_s']:.2f} ex/s ({r['steps_per_s']:.3f} steps/s)"
-        f"  torch {r['torch_examples_per_s']:.2f} ex/s  ratio {r['ratio']:.2f}")
-  print(f"  model FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (XLA cost_analysis "
-        f"{r['xla_flops_per_step'] / 1e9:.1f} G)  achieved {r['achieved_flops'] / 1e9:.1f} "
-        f"GFLOP/s  peak {r['peak_flops'] / 1e9:.1f} GFLOP/s  MFU {100 * r['mfu']:.1f}%")
-  if args.json:
-    keys = ("model", "global_batch", "big_clip_examples_per_s", "torch_examples_per_s",
-            "ratio", "mfu", "peak_flops")
-    with open(args.json, "w") as f:
-      json.dump({k: r[k] for k in keys}, f, indent=2)
+  dtypes = args.dtype.split(",")
+  for d in dtypes:
+    layers.choose(d, layers.DTYPES, "--dtype")
+  impls = args.attention_impl.split(",")
+  for a in impls:
+    layers.choose(a, layers.ATTENTION_IMPLS, "--attention_impl")
+  rates = floats(args.patch_dropout)
+  if not rates or not all(0.0 <= r < 1.0 for r in rates):
+    raise ValueError(f"--patch_dropout={args.patch_dropout!r}; give rates in [0, 1), e.g. 0,0.5.")
+  rows = []
+  for dtype in dtypes:
+    for impl in impls:
+      for rate in rates:
+        rows.append(benchmark(args, dtype, rate, impl))
+        print_row(rows[-1])
+        if args.json:  # after every row: a long run killed midway keeps what it measured
+          with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        gc.collect()
+  print_table(rows)
+  return rows
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ CHOICES = {
     "model.activation": ("gelu", "quick_gelu", "gelu_tanh"),
     "model.image.pool": ("cls", "map", "gap"),
     "model.image.stem": ("patch", "conv"),
+    "model.attention_impl": ("auto", "xla", "einsum"),
     "model.text.pool": ("eos", "last", "argmax", "final"),
     "loss.name": LOSS_NAMES,
     "loss.group_base": ("softmax", "sigmoid"),
@@ -134,6 +135,17 @@ def base() -> ml_collections.ConfigDict:
   # 'patch': CLIP's stride-p patchify; 'conv': early 3x3 stride-2 convolutions (Xiao et al.
   # 2021), better from scratch on small data, not exportable to HF / open_clip.
   c.model.image.stem = "patch"
+  # FLIP (Li et al. 2023): drop this share of patch tokens per image in training (after the
+  # positional embeddings; the class token stays), none in eval/export. 0.5-0.75 trains 2-3x
+  # faster per step. Masking stops at patch_dropout_until_step (0 = never) for FLIP's short
+  # unmasked tail; that step compiles a second, unmasked train step.
+  c.model.image.patch_dropout = 0.0
+  c.model.image.patch_dropout_until_step = 0
+  # Attention kernel: 'xla' = jax.nn.dot_product_attention (cuDNN flash on GPU, fused on
+  # TPU); 'einsum' = one fused q/k/v matmul and a written-out backward
+  # (layers.einsum_attention); 'auto' = 'einsum' on CPU, 'xla' elsewhere
+  # (python -m benchmarks.attention compares the two on any machine).
+  c.model.attention_impl = "auto"
   c.model.text.causal = True  # causal self-attention (CLIP); SigLIP attends both ways
   c.model.text.proj_bias = False  # SigLIP's text head has a bias
   # Start from pretrained weights when the workdir has no checkpoint (fine-tuning):
@@ -304,6 +316,12 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.model.image.image_size % c.model.image.patch_size == 0,
        f"config.model.image.image_size={c.model.image.image_size} is not divisible by "
        f"config.model.image.patch_size={c.model.image.patch_size}.")
+  need(0.0 <= c.model.image.patch_dropout < 1.0,
+       f"config.model.image.patch_dropout={c.model.image.patch_dropout}; the share of patch "
+       "tokens dropped must be in [0, 1).")
+  need(c.model.image.patch_dropout_until_step >= 0,
+       f"config.model.image.patch_dropout_until_step={c.model.image.patch_dropout_until_step}; "
+       "use 0 (mask every step) or the step at which masking stops.")
   p = c.model.image.patch_size
   need(c.model.image.stem != "conv" or (p >= 2 and p & (p - 1) == 0),
        f"config.model.image.stem='conv' halves the image once per 3x3 stride-2 convolution, so "

@@ -25,7 +25,7 @@ from flax import nnx
 from big_clip import checkpoints, losses, optim, sharding
 from big_clip.errors import UserError
 from big_clip.losses import auxiliary, grad_cache
-from big_clip.models import llm, two_tower
+from big_clip.models import llm, two_tower, vit
 
 State = dict[str, Any]  # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'}
 
@@ -40,11 +40,13 @@ class NonFiniteLossError(UserError, FloatingPointError):
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, loss_fn: Callable, mesh: jax.sharding.Mesh | None,
                     config: ml_collections.ConfigDict,
-                    trainable: Any = None) -> Callable[[State, dict], tuple]:
+                    trainable: Any = None, mask_patches: bool = True
+                    ) -> Callable[[State, dict], tuple]:
   """A pure `(state, batch) -> (state, metrics)`; jit it with shardings.
 
   `trainable` (optim.trainable_mask) marks the params that get gradients and optimizer
   state; the others (a frozen LLM base) pass through unchanged. None: all of them.
+  `mask_patches`: apply `config.model.image.patch_dropout` (False for FLIP's unmasked tail).
   """
   accum = config.optim.grad_accum_steps
   extra_terms = auxiliary.make(config)  # Long-CLIP short captions, distillation (or None)
@@ -53,7 +55,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def compute_loss(params, frozen, batch):
     model = nnx.merge(graphdef, optim.combine(params, frozen))
-    img_emb, txt_emb = model(batch["image"], batch["text"])
+    img_emb, txt_emb = model(batch["image"], batch["text"], batch.get("patch_noise"))
     scale, bias = model.scale_and_bias()
     loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
     parts = {}  # the terms of a composite loss, logged as metrics
@@ -67,7 +69,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if config.loss.accum_steps > 1:  # one contrastive batch, backprop in micro-batches
       model = lambda p: nnx.merge(graphdef, optim.combine(p, frozen))
       (loss, (scale, bias)), grads = grad_cache.value_and_grad(
-          lambda p, b: model(p)(b["image"], b["text"]),
+          lambda p, b: model(p)(b["image"], b["text"], b.get("patch_noise")),
           lambda p: model(p).scale_and_bias(), loss_fn, params, batch,
           accum_steps=config.loss.accum_steps, mesh=mesh)
       return (loss, (scale, bias, {})), grads
@@ -88,6 +90,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return (loss_sum / accum, aux), jax.tree.map(lambda g: g / accum, grad_sum)
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    if mask_patches and config.model.image.patch_dropout > 0:  # per example: any mesh or
+      batch = {**batch, "patch_noise": vit.patch_noise(  # micro-batching draws the same
+          config, state["step"], batch["image"].shape[0])}  # mask; resumes exactly
     params, frozen = split(state["params"])
     (loss, (scale, bias, parts)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)
@@ -130,11 +135,13 @@ class Plan:
   abstract_batch: dict[str, jax.ShapeDtypeStruct]  # global, with shardings
   step_fn: Callable[[State, dict], tuple]  # pure; jit with `jit_step`
   schedule: optax.Schedule
+  unmasked_step_fn: Callable[[State, dict], tuple]  # the same without patch dropout
+  unmasked_after: int  # FLIP's unmasked tail starts after this step (0: no tail)
 
-  def jit_step(self, mesh: jax.sharding.Mesh) -> Any:
+  def jit_step(self, mesh: jax.sharding.Mesh, masked: bool = True) -> Any:
     """The step jitted with explicit shardings, the state donated."""
     batch_sharding = sharding.batch_sharding(mesh)
-    return jax.jit(self.step_fn,
+    return jax.jit(self.step_fn if masked else self.unmasked_step_fn,
                    in_shardings=(self.state_shardings,
                                  {k: batch_sharding for k in self.abstract_batch}),
                    out_shardings=(self.state_shardings, sharding.replicated(mesh)),
@@ -172,8 +179,9 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   n_trainable = sum(x.size for x in jax.tree.leaves(optim.partition(abs_params, trainable)[0]))
   logging.info("Model: %.2fM parameters, %.2fM trainable", n_params / 1e6, n_trainable / 1e6)
 
-  step_fn = make_train_step(graphdef, tx, schedule, losses.from_config(config.loss), mesh,
-                            config, trainable)
+  make_step = lambda mask: make_train_step(graphdef, tx, schedule,
+                                          losses.from_config(config.loss), mesh, config,
+                                          trainable, mask_patches=mask)
   batch_sharding = sharding.batch_sharding(mesh)
   gb, size = config.data.global_batch, config.data.image_size
   text_shape, text_dtype = llm.text_input_shape(config.model, config.data.max_len)
@@ -183,8 +191,10 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   }
   for key, (shape, dtype) in auxiliary.batch_entries(config, teacher_dim).items():
     abs_batch[key] = jax.ShapeDtypeStruct((gb, *shape), dtype, sharding=batch_sharding)
+  image = config.model.image
   return Plan(graphdef, init_state, abs_state, state_shardings, param_shardings, abs_batch,
-              step_fn, schedule)
+              make_step(True), schedule, make_step(False),
+              image.patch_dropout_until_step if image.patch_dropout else 0)
 
 
 @dataclasses.dataclass
@@ -196,6 +206,19 @@ class Setup:
   step: Any  # compiled (state, batch) -> (state, metrics); donates the state
   schedule: optax.Schedule
   compile_seconds: float
+  # FLIP's unmasked tail: from this global step on (0 = never), `step_for` returns the step
+  # compiled without patch dropout (compiled at first use).
+  unmasked_after: int = 0
+  compile_unmasked: Callable[[], Any] | None = None
+  unmasked_step: Any = None
+
+  def step_for(self, step: int) -> Any:
+    """The compiled step that makes global step `step` (1-based)."""
+    if not self.unmasked_after or step <= self.unmasked_after:
+      return self.step
+    if self.unmasked_step is None:
+      self.unmasked_step = self.compile_unmasked()
+    return self.unmasked_step
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -205,13 +228,19 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   with jax.set_mesh(mesh):
     state = jax.jit(p.init_state, out_shardings=p.state_shardings)()
     two_tower.load_tower_weights(state["params"], config.model, p.param_shardings)
-    t0 = time.perf_counter()
-    compiled = p.jit_step(mesh).lower(checkpoints.abstract_like(state),
-                                      p.abstract_batch).compile()
+    abstract_state = checkpoints.abstract_like(state)
+
+  def compile_step(masked: bool) -> Any:
+    with jax.set_mesh(mesh):
+      return p.jit_step(mesh, masked).lower(abstract_state, p.abstract_batch).compile()
+
+  t0 = time.perf_counter()
+  compiled = compile_step(True)
   compile_seconds = time.perf_counter() - t0
   logging.info("Compiled the train step in %.1f s", compile_seconds)
   mem = compiled.memory_analysis()
   if mem is not None:
     logging.info("Step memory per device: %.1f MiB arguments, %.1f MiB temporaries",
                  mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
-  return Setup(p.graphdef, state, p.state_shardings, compiled, p.schedule, compile_seconds)
+  return Setup(p.graphdef, state, p.state_shardings, compiled, p.schedule, compile_seconds,
+               p.unmasked_after, lambda: compile_step(False))

@@ -70,8 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
 
   # ---------------------------------------------------------------------- Model and optimizer.
   setup = build(config, mesh, teacher_dim)
-  state, schedule, compiled_step, graphdef = (setup.state, setup.schedule, setup.step,
-                                              setup.graphdef)
+  state, schedule, graphdef = setup.state, setup.schedule, setup.graphdef
   abs_state = checkpoints.abstract_like(state)
 
   # ------------------------------------------------------------------------ Load checkpoint.
@@ -120,7 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   for step in range(first_step + 1, config.total_steps + 1):
     batch = sharding.place_batch(next(data_iter), mesh)
     with jax.transfer_guard("disallow"):  # no silent host<->device copies in the loop
-      state, metrics = compiled_step(state, batch)
+      state, metrics = setup.step_for(step)(state, batch)
     pending.append(metrics)
 
     if step % config.log_every == 0 or step == config.total_steps:

@@ -41,14 +41,17 @@ def jaxpr_matmul_flops(jaxpr) -> int:
   return total
 
 
-def test_analytic_flops_equal_the_matmuls_xla_traces():
+@pytest.mark.parametrize("patch_dropout", [0.0, 0.5])
+def test_analytic_flops_equal_the_matmuls_xla_traces(patch_dropout):
   c = tiny_config()
+  c.model.image.patch_dropout = patch_dropout
   model = two_tower.init_fn(c.model, c.seed)()
   images = jnp.zeros((4, 32, 32, 3), jnp.float32)
   tokens = jnp.full((4, 12), 5, jnp.int32).at[:, -1].set(c.model.text.eos_id)
+  noise = jax.random.uniform(jax.random.key(0), (4, 16)) if patch_dropout else None
 
   def forward_loss(images, tokens):
-    img, txt = model(images, tokens)
+    img, txt = model(images, tokens, noise)
     scale, bias = model.scale_and_bias()
     return losses.get("softmax")(img, txt, scale, bias)
 
@@ -111,3 +114,19 @@ def test_long_caption_bound_is_the_mean_of_one_over_the_group_size():
            dict(count=1, size=1)]
   assert long_caption_bounds.r1_bound(attrs, ("count", "size")) == (0.5 + 0.5 + 1 + 1) / 4
   assert long_caption_bounds.r1_bound(attrs, ("size",)) == (1 / 3 * 3 + 1) / 4
+
+
+def test_torch_patch_dropout_keeps_the_class_token_and_distinct_patches():
+  torch = pytest.importorskip("torch")
+  tokens = torch.randn(3, 1 + 49, 8)
+  kept = train_step.torch_patch_dropout(0.75)(None, None, tokens)
+  assert kept.shape == (3, 1 + 12, 8)  # open_clip: int(49 * 0.25) = 12 patches
+  assert torch.equal(kept[:, 0], tokens[:, 0])
+  for b in range(3):  # each kept token is one of this image's patches, none twice
+    match = (kept[b, 1:, None] == tokens[b, None, 1:]).all(-1)  # [12, 49]
+    assert match.sum(1).eq(1).all() and match.sum(0).le(1).all()
+
+
+def test_bad_patch_dropout_flag_names_it():
+  with pytest.raises(ValueError, match="--patch_dropout='0.5,1'"):
+    train_step.main(["--patch_dropout", "0.5,1", "--no_torch"])

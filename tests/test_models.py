@@ -264,6 +264,34 @@ def test_scan_and_remat_match_the_layer_loop_outputs_and_gradients(model):
     np.testing.assert_array_equal(back[path], v[...])
 
 
+@pytest.mark.parametrize("pool", ["cls", "map"])
+def test_einsum_attention_matches_dot_product_attention_values_and_gradients(pool):
+  """'einsum' (fused qkv, hand-written backward) against jax.nn.dot_product_attention on the
+  same params: both towers (the text one causal) and the MAP head's cross-attention."""
+  xla = build(attention_impl="xla", **{"image.pool": pool})
+  ein = build(attention_impl="einsum", **{"image.pool": pool})
+  assert {a.impl for a in (xla.image.blocks[0].attn, ein.image.blocks[0].attn)} == {
+      "xla", "einsum"}
+  imgs, tokens = images(), jnp.asarray(TOKENS)
+  grad_fn = nnx.jit(nnx.value_and_grad(_loss, has_aux=True))
+  (loss_x, out_x), grad_x = grad_fn(xla, imgs, tokens)
+  (loss_e, out_e), grad_e = grad_fn(ein, imgs, tokens)
+  np.testing.assert_allclose(loss_e, loss_x, rtol=1e-5)
+  for a, b in zip(out_e, out_x):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  want = dict(nnx.to_flat_state(grad_x))
+  for path, g in nnx.to_flat_state(grad_e):
+    np.testing.assert_allclose(g[...], want[path][...], rtol=1e-5, atol=1e-5, err_msg=str(path))
+
+
+def test_attention_impl_auto_is_einsum_on_cpu_and_xla_on_accelerators():
+  assert layers.attention_impl("auto", "cpu") == "einsum"
+  assert layers.attention_impl("auto", "gpu") == layers.attention_impl("auto", "tpu") == "xla"
+  assert layers.attention_impl("xla", "cpu") == "xla"
+  with pytest.raises(ValueError, match="config.model.attention_impl='flash'"):
+    layers.attention_impl("flash")
+
+
 def test_bfloat16_compute_is_close_to_float32_and_params_stay_float32(model):
   bf16 = build(dtype="bfloat16")
   params = nnx.to_flat_state(nnx.state(bf16, nnx.Param))

@@ -64,6 +64,7 @@ class TransformerConfig:
   remat: bool = False
   scan_layers: bool = False
   ln_eps: float = 1e-5  # every LayerNorm of the tower (torch/CLIP 1e-5, SigLIP 1e-6)
+  attention: str = "xla"  # 'xla' | 'einsum', resolved from config.model.attention_impl
 
   @classmethod
   def from_config(cls, model_cfg: Any, tower: str) -> TransformerConfig:
@@ -82,7 +83,20 @@ class TransformerConfig:
         dtype=DTYPES[choose(model_cfg.dtype, DTYPES, "config.model.dtype")],
         param_dtype=DTYPES[choose(model_cfg.param_dtype, DTYPES, "config.model.param_dtype")],
         remat=bool(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers),
-        ln_eps=float(model_cfg.ln_eps))
+        ln_eps=float(model_cfg.ln_eps),
+        attention=attention_impl(model_cfg.attention_impl))
+
+
+ATTENTION_IMPLS = ("auto", "xla", "einsum")
+
+
+def attention_impl(name: str, platform: str | None = None) -> str:
+  """'xla' or 'einsum' for `config.model.attention_impl`; 'auto' picks by platform: the
+  einsum kernel on CPU, jax.nn.dot_product_attention (cuDNN flash / TPU fusions) elsewhere."""
+  choose(name, ATTENTION_IMPLS, "config.model.attention_impl")
+  if name != "auto":
+    return name
+  return "einsum" if (platform or jax.default_backend()) == "cpu" else "xla"
 
 
 def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int],
@@ -142,6 +156,53 @@ class MLP(nnx.Module):
     return self.fc2(ACTIVATIONS[self.activation](h))
 
 
+def _attention_probs(q: jax.Array, k: jax.Array, causal: bool) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) in float32: q [B, T, N, D], k [B, S, N, D] -> [B, N, T, S]."""
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * q.shape[-1] ** -0.5
+  if causal:
+    t, s = logits.shape[-2:]
+    allowed = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False
+                     ) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1), heads kept in place:
+  q [B, T, N, D], k and v [B, S, N, D] -> [B, T, N, D], as jax.nn.dot_product_attention.
+
+  The backward is written out (dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
+  dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d)): five batched matmuls over (B, N) that read
+  the saved float32 P, whatever layout XLA would pick for the autodiff of the forward.
+  No kernel library is needed, so it runs on any backend; on GPU/TPU
+  jax.nn.dot_product_attention has fused kernels ('auto' picks it there).
+  """
+  return _einsum_attention_fwd(q, k, v, causal)[0]
+
+
+def _einsum_attention_fwd(q, k, v, causal):
+  probs = _attention_probs(q, k, causal)
+  out = jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
+  return out, (q, k, v, probs)
+
+
+def _einsum_attention_bwd(causal, residuals, d_out):
+  del causal  # masked entries have P = 0, so their dS is 0 too
+  q, k, v, probs = residuals
+  d_v = jnp.einsum("bnts,btnd->bsnd", probs.astype(d_out.dtype), d_out)
+  d_probs = jnp.einsum("btnd,bsnd->bnts", d_out, v, preferred_element_type=jnp.float32)
+  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  d_logits = (d_logits * q.shape[-1] ** -0.5).astype(q.dtype)
+  d_q = jnp.einsum("bnts,bsnd->btnd", d_logits, k)
+  d_k = jnp.einsum("bnts,btnd->bsnd", d_logits, q)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with separate q/k/v/out projections (HF `CLIPAttention` layout).
 
@@ -157,6 +218,7 @@ class Attention(nnx.Module):
     self.out = dense(w, w, ("heads", "embed"), std=w ** -0.5 * (2 * cfg.depth) ** -0.5,
                      cfg=cfg, rngs=rngs)
     self.heads = cfg.heads
+    self.impl = cfg.attention
 
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
                causal: bool = False) -> jax.Array:
@@ -167,9 +229,18 @@ class Attention(nnx.Module):
       y = y.reshape(*y.shape[:2], self.heads, y.shape[-1] // self.heads)
       return sharding.constrain(y, ACT_HEADS)
 
-    q, k, v = split_heads(self.q(x)), split_heads(self.k(kv)), split_heads(self.v(kv))
-    # Scale head_dim^-0.5 and a float32 softmax; fused (cuDNN flash) where the backend has it.
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    if self.impl == "einsum" and kv is x:
+      # Self-attention: one [W, 3W] matmul for q, k and v (params stay separate, as HF).
+      kernel = jnp.concatenate([self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]], 1)
+      bias = jnp.concatenate([self.q.bias[...], self.k.bias[...], self.v.bias[...]])
+      qkv = x.astype(self.q.dtype) @ kernel.astype(self.q.dtype) + bias.astype(self.q.dtype)
+      q, k, v = (split_heads(y) for y in jnp.split(qkv, 3, axis=-1))
+    else:
+      q, k, v = split_heads(self.q(x)), split_heads(self.k(kv)), split_heads(self.v(kv))
+    if self.impl == "einsum":
+      y = einsum_attention(q, k, v, causal)
+    else:  # scale head_dim^-0.5, float32 softmax; fused (cuDNN flash) where the backend has it
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     return self.out(y.reshape(x.shape[:2] + (-1,)))
 
 

@@ -45,9 +45,12 @@ class TwoTower(nnx.Module):
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
     self.logit_bias = nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32))
 
-  def encode_image(self, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] normalized images -> L2-normalized float32 [B, embed_dim]."""
-    emb = l2_normalize(self.image(images))
+  def encode_image(self, images: jax.Array, patch_noise: jax.Array | None = None
+                   ) -> jax.Array:
+    """[B, H, W, 3] normalized images -> L2-normalized float32 [B, embed_dim].
+
+    `patch_noise` [B, N] (training only) turns on the image tower's patch dropout."""
+    emb = l2_normalize(self.image(images, patch_noise))
     chex.assert_shape(emb, (images.shape[0], self.embed_dim))
     return emb
 
@@ -58,8 +61,9 @@ class TwoTower(nnx.Module):
     chex.assert_shape(emb, (tokens.shape[0], self.embed_dim))
     return emb
 
-  def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self.encode_image(images), self.encode_text(tokens)
+  def __call__(self, images: jax.Array, tokens: jax.Array,
+               patch_noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    return self.encode_image(images, patch_noise), self.encode_text(tokens)
 
   def scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
     """(exp(logit_scale), logit_bias) as float32 scalars. The cap logit_scale_max is kept

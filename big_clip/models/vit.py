@@ -9,6 +9,13 @@ followed by a LayerNorm over channels and the activation, bring the image to the
 `patch_embed` is then their 1x1 projection to the width. It trains better from scratch on
 small data; HF CLIPModel and open_clip have no such stem, so it does not export.
 
+`image.patch_dropout = r` (FLIP, Li et al. 2023 §3; open_clip `PatchDropout`) keeps a random
+`max(1, int(N (1 - r)))` of the N patch tokens per image in training, after the positional
+embeddings and before ln_pre; the class token always stays. Which ones is decided by
+per-image uniform noise that the train step draws from its step key (`patch_noise`), so the
+same example gets the same mask on any mesh and after a resume. Without noise (eval,
+export, predict) every token is used.
+
 Export note: `patch_embed.kernel` is `[p*p*3, width]` with patch pixels flattened in
 (row, column, channel) order, so the torch conv weight `[width, 3, p, p]` is
 `kernel.reshape(p, p, 3, width).transpose(3, 2, 0, 1)`.
@@ -100,6 +107,40 @@ class ConvStem(nnx.Module):
     return x
 
 
+def patches_kept(num_patches: int, rate: float) -> int:
+  """Patch tokens left after dropping a `rate` share (open_clip: at least one)."""
+  return max(1, int(num_patches * (1.0 - rate)))
+
+
+PATCH_DROPOUT_STREAM = 0x464C4950  # a key stream of its own ("FLIP")
+
+
+def patch_noise(config: Any, step: jax.Array, batch_size: int) -> jax.Array:
+  """[B, N] uniform draws that pick the kept patches at train step `step` (state['step']).
+
+  From (config.seed, step) alone, so a resumed run masks exactly as the uninterrupted one;
+  drawn for the global batch (threefry is partitionable), so every mesh draws the same.
+  """
+  im = config.model.image
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed),
+                                              PATCH_DROPOUT_STREAM), step)
+  noise = jax.random.uniform(key, (batch_size, (im.image_size // im.patch_size) ** 2))
+  return sharding.constrain(noise, ("activation_batch", None))
+
+
+def drop_patches(x: jax.Array, noise: jax.Array, keep: int, num_prefix: int) -> jax.Array:
+  """Keeps the `keep` patch tokens with the largest `noise` per image.
+
+  x: [B, num_prefix + N, W] tokens (class token first); noise: [B, N] uniform draws.
+  Returns [B, num_prefix + keep, W]: the prefix tokens, then the kept patches in descending
+  noise order (order is irrelevant after the positional embeddings).
+  """
+  chex.assert_shape(noise, (x.shape[0], x.shape[1] - num_prefix))
+  _, idx = jax.lax.top_k(noise, keep)  # [B, keep]
+  patches = jnp.take_along_axis(x[:, num_prefix:], idx[..., None], axis=1)
+  return jnp.concatenate([x[:, :num_prefix], patches], axis=1)
+
+
 class ViT(nnx.Module):
   """Image tower: `[B, H, W, 3]` normalized images -> unnormalized float32 `[B, embed_dim]`."""
 
@@ -111,6 +152,11 @@ class ViT(nnx.Module):
       raise ValueError(f"config.model.image.image_size={c.image_size} is not divisible by "
                        f"config.model.image.patch_size={c.patch_size}.")
     self.image_size, self.patch_size = int(c.image_size), int(c.patch_size)
+    self.num_patches = (self.image_size // self.patch_size) ** 2
+    self.patch_dropout = float(c.patch_dropout)
+    if not 0.0 <= self.patch_dropout < 1.0:
+      raise ValueError(f"config.model.image.patch_dropout={self.patch_dropout}; the share of "
+                       "patch tokens dropped must be in [0, 1).")
     self.stem = layers.choose(c.stem, STEMS, "config.model.image.stem")
     w, patch_dim = cfg.width, self.patch_size ** 2 * 3
     if self.stem == "conv":
@@ -145,7 +191,20 @@ class ViT(nnx.Module):
                        f"{model_cfg.embed_dim} equal to config.model.image.width={w}; "
                        "set them equal or enable the projection.")
 
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, patch_noise: jax.Array | None = None) -> jax.Array:
+    """`patch_noise` [B, N] uniform draws turn on patch dropout (training only)."""
+    return self.encode_tokens(self.drop(self.embed(images), patch_noise))
+
+  def drop(self, x: jax.Array, patch_noise: jax.Array | None) -> jax.Array:
+    """FLIP patch dropout of `embed`'s tokens; identity without noise or at rate 0."""
+    if patch_noise is None or self.patch_dropout == 0.0:
+      return x
+    keep = patches_kept(self.num_patches, self.patch_dropout)
+    x = drop_patches(x, patch_noise, keep, num_prefix=int(self.pool == "cls"))
+    return sharding.constrain(x, layers.ACT_EMBED)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> tokens [B, T, W] with class token and positional embeddings."""
     b = images.shape[0]
     chex.assert_shape(images, (b, self.image_size, self.image_size, 3))
     if self.stem == "conv":
@@ -157,7 +216,10 @@ class ViT(nnx.Module):
       cls = self.class_embedding[...].astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, x.shape[-1])), x], axis=1)
     x = x + self.positional_embedding[...].astype(x.dtype)
-    x = sharding.constrain(x, layers.ACT_EMBED)
+    return sharding.constrain(x, layers.ACT_EMBED)
+
+  def encode_tokens(self, x: jax.Array) -> jax.Array:
+    """Tokens [B, T', W] (all or the kept ones) -> unnormalized float32 [B, embed_dim]."""
     if self.use_ln_pre:
       x = self.ln_pre(x)
     x = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat)
