@@ -284,8 +284,8 @@ def test_einsum_attention_matches_dot_product_attention_values_and_gradients(poo
     np.testing.assert_allclose(g[...], want[path][...], rtol=1e-5, atol=1e-5, err_msg=str(path))
 
 
-def test_attention_impl_auto_is_einsum_on_cpu_and_xla_on_accelerators():
-  assert layers.attention_impl("auto", "cpu") == "einsum"
+def test_attention_impl_auto_is_xla_on_every_platform():
+  assert layers.attention_impl("auto", "cpu") == "xla"
   assert layers.attention_impl("auto", "gpu") == layers.attention_impl("auto", "tpu") == "xla"
   assert layers.attention_impl("xla", "cpu") == "xla"
   with pytest.raises(ValueError, match="config.model.attention_impl='flash'"):
