@@ -45,6 +45,10 @@ class LoadError(UserError, ValueError):
   """A model source that cannot be loaded: names the source and what to give instead."""
 
 
+class InputError(UserError, ValueError):
+  """Images, texts or class names the model cannot take: names the input and the fix."""
+
+
 @dataclasses.dataclass
 class Model:
   """A trained two-tower model with its tokenizer and its eval-time preprocessing."""
@@ -78,7 +82,7 @@ class Model:
     size = self.image_size
     if isinstance(images, np.ndarray):
       if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"encode_image: an array must be uint8 [N, H, W, 3]; got "
+        raise InputError(f"encode_image: an array must be uint8 [N, H, W, 3]; got "
                          f"{images.dtype} {list(images.shape)}.")
       images = list(images)
     images = list(images)
@@ -95,7 +99,7 @@ class Model:
     naming it (`predict` skips such files instead)."""
     emb, failed = self.embed_images(images)
     if failed:
-      raise ValueError(next(iter(failed.values())))
+      raise InputError(next(iter(failed.values())))
     return emb
 
   def embed_images(self, images: Images) -> tuple[np.ndarray, dict[int, str]]:
@@ -144,16 +148,23 @@ class Model:
     strings with a '{c}' slot, `{language: [templates]}`, a JSON file of that, or None for the
     evaluator's default (OpenAI's 80 ImageNet prompts; English fills in for other languages).
     """
+    return self.classify(self.encode_image(images), classnames, templates)
+
+  def classify(self, img_emb: np.ndarray,
+               classnames: Sequence[str] | Mapping[str, Sequence[str]],
+               templates: Sequence[str] | Mapping[str, Sequence[str]] | str | None = None,
+               ) -> np.ndarray | dict[str, np.ndarray]:
+    """`zero_shot` of image embeddings [N, D] already computed."""
     per_language = isinstance(classnames, Mapping)
-    names = dict(classnames) if per_language else {labels.FALLBACK_LANGUAGE: list(classnames)}
+    names = dict(classnames) if per_language else {labels.FALLBACK_LANGUAGE: classnames}
     for lang, lang_names in names.items():
-      if isinstance(lang_names, str) or not lang_names or not all(
-          isinstance(n, str) and n for n in lang_names):
-        raise ValueError(f"zero_shot: the class names of {lang!r} must be a non-empty list "
+      if (isinstance(lang_names, str) or not isinstance(lang_names, Sequence) or not lang_names
+          or not all(isinstance(n, str) and n for n in lang_names)):
+        raise InputError(f"zero_shot: the class names of {lang!r} must be a non-empty list "
                          f"of non-empty strings; got {lang_names!r}.")
     prompts = resolve_templates(templates, list(names))
-    img_emb = self.encode_image(images)
-    out = {lang: self.probabilities(img_emb, self.class_embeddings(lang_names, prompts[lang]))
+    out = {lang: self.probabilities(img_emb, self.class_embeddings(list(lang_names),
+                                                                   prompts[lang]))
            for lang, lang_names in names.items()}
     return out if per_language else out[labels.FALLBACK_LANGUAGE]
 
@@ -185,7 +196,7 @@ def to_pixels(image: Any, size: int) -> np.ndarray:
     return manifest.decode_image(data, size, path)
   if isinstance(image, np.ndarray):
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-      raise ValueError(f"an image array must be uint8 [H, W, 3]; got {image.dtype} "
+      raise InputError(f"an image array must be uint8 [H, W, 3]; got {image.dtype} "
                        f"{list(image.shape)}.")
     if image.shape[:2] == (size, size):
       return image
