@@ -27,6 +27,8 @@ LAYERS = (
     ("convert", ("big_clip.convert",)),
     ("evals", ("big_clip.evals",)),
     ("steps", ("big_clip.steps",)),
+    ("reporting", ("big_clip.reporting",)),  # plots of a workdir's logs
+    ("api", ("big_clip.api",)),  # load / embed / zero-shot over the parts
     ("package", ("big_clip",)),  # the package root: the user's door
     ("binaries", tuple(sorted(BINARIES))),
 )
