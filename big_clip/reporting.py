@@ -58,7 +58,10 @@ def _png(fig) -> bytes:
 def _axes(title: str, ylabel: str = ""):
   import matplotlib.pyplot as plt
 
+  from matplotlib.ticker import MaxNLocator
+
   fig, ax = plt.subplots(figsize=(5.2, 3.2))
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
   ax.set_title(title, fontsize=10)
   ax.set_xlabel("step")
   if ylabel:
