@@ -193,7 +193,12 @@ def to_pixels(image: Any, size: int) -> np.ndarray:
         data = f.read()
     except OSError as e:
       raise ValueError(f"image {path!r} could not be read ({e.strerror or e}).") from e
-    return manifest.decode_image(data, size, path)
+    try:
+      return manifest.decode_image(data, size, path)
+    except ValueError as e:  # its message speaks of manifests; say what it is here
+      cause = e.__cause__ or e
+      raise ValueError(f"image {path!r} could not be decoded ({type(cause).__name__}: "
+                       f"{cause}).") from e
   if isinstance(image, np.ndarray):
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
       raise InputError(f"an image array must be uint8 [H, W, 3]; got {image.dtype} "
