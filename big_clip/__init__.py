@@ -8,3 +8,7 @@ import flax
 flax.config.update("flax_always_shard_variable", False)
 
 __version__ = "0.1.0"
+
+from big_clip.api import Model, load  # noqa: E402  (after the flax setting above)
+
+__all__ = ["Model", "load", "__version__"]

@@ -53,5 +53,13 @@ def run(main: Callable[[list[str]], None], name: str) -> None:
       print(f"{name}: error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
 
+  # A console script (big-clip-train, ...) is its own main module: its --help lists the key
+  # flags of sys.argv[0], so the flags the binary's module defined are declared for it too.
+  # Its usage text is the binary's docstring, as with `python -m`.
+  for flag in flags.FLAGS.get_key_flags_for_module(main.__module__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  script = sys.modules.get("__main__")
+  if script is not None and not getattr(script, "__doc__", None):
+    script.__doc__ = sys.modules[main.__module__].__doc__
   jax.config.config_with_absl()
   app.run(wrapped)

@@ -68,7 +68,8 @@ def main(argv: list[str]) -> None:
                       evals=FLAGS.eval, output=FLAGS.output, model_name=name)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m big_clip.evaluate`, and the console script big-clip-evaluate."""
   config_flags.DEFINE_config_file("config", None, "The training config file.")
   flags.DEFINE_string("workdir", None, "The training workdir (its latest checkpoint is used).")
   flags.DEFINE_string("checkpoint", None, "A checkpoint step folder or a workdir; overrides "
@@ -79,3 +80,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("output", None, "The results file (default WORKDIR/eval/results.jsonl).")
   flags.mark_flags_as_required(["config"])
   cli.run(main, "big_clip.evaluate")
+
+
+if __name__ == "__main__":
+  run()

@@ -59,7 +59,8 @@ def main(argv: list[str]) -> None:
         + ", ".join(sorted(os.listdir(out))))
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m big_clip.export`, and the console script big-clip-export."""
   flags.DEFINE_string("workdir", None, "A training workdir to export.")
   flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest).")
   flags.DEFINE_enum("format", "hf", FORMATS, "hf: transformers CLIPModel/SiglipModel; "
@@ -69,3 +70,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Model config for --import (optional).")
   flags.mark_flag_as_required("out")
   cli.run(main, "big_clip.export")
+
+
+if __name__ == "__main__":
+  run()

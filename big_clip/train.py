@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from big_clip import checkpoints, cli, sharding
+from big_clip import checkpoints, cli, reporting, sharding
 from big_clip import config as config_lib
 from big_clip import workdir as workdir_lib
 from big_clip.convert import pretrained
@@ -158,6 +158,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   if data_iter.skipped():
     logging.info("Data: skipped examples by reason (this host): %s", data_iter.skipped())
   metrics_log.close()
+  if jax.process_index() == 0 and (report := reporting.write_report(workdir)):
+    logging.info("Report: %s", report)
   return {"step": step, "metrics": last, "eval": results, "compile_seconds": setup.compile_seconds,
           "params": state["params"]}
 
@@ -174,8 +176,13 @@ def main(argv: list[str]) -> None:
   train(FLAGS.config, FLAGS.workdir, model_name=name)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m big_clip.train`, and the console script big-clip-train."""
   config_flags.DEFINE_config_file("config", None, "A config file in configs/.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, metrics and eval results go here.")
   cli.run(main, "big_clip.train")
+
+
+if __name__ == "__main__":
+  run()

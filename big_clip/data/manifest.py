@@ -120,6 +120,11 @@ def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
   except Exception as e:  # PIL raises several types for broken files.
     raise ValueError(f"image {name!r} could not be decoded ({type(e).__name__}: {e}); "
                      "remove it from the manifest or replace the file") from e
+  return resize_center_crop(img, size)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+  """An RGB PIL image -> uint8 [size, size, 3]: shorter side resized (bicubic), centre crop."""
   w, h = img.size
   scale = size / min(w, h)
   img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
