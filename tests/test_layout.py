@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "big_clip")
 
-BINARIES = {"big_clip.train", "big_clip.evaluate", "big_clip.export"}
+BINARIES = {"big_clip.train", "big_clip.evaluate", "big_clip.export", "big_clip.plan"}
 # Lower layers first; a module may import its own layer and the layers below it.
 LAYERS = (
     ("base", ("big_clip.errors", "big_clip.config", "big_clip.workdir", "big_clip.sharding",
@@ -26,6 +26,7 @@ LAYERS = (
     ("convert", ("big_clip.convert",)),
     ("evals", ("big_clip.evals",)),
     ("steps", ("big_clip.steps",)),
+    ("planning", ("big_clip.planning",)),  # compiles the steps for a TPU topology
     ("package", ("big_clip",)),  # the package root: the user's door
     ("binaries", tuple(sorted(BINARIES))),
 )
