@@ -34,7 +34,7 @@ class DoesNotFitError(UserError):
 def main(argv: list[str]) -> None:
   del argv
   report = planning.compile_plan(FLAGS.config, FLAGS.topology, FLAGS.num_slices,
-                                 with_eval=FLAGS.eval)
+                                 with_eval=FLAGS.eval, hlo_path=FLAGS.hlo_out)
   print(planning.describe(report), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
@@ -50,6 +50,7 @@ if __name__ == "__main__":
                       "v5p:8x8x8, v6e:8x8.")
   flags.DEFINE_integer("num_slices", 1, "Slices of that shape joined over DCN (multi-slice).")
   flags.DEFINE_string("json", None, "Also write the report as JSON here.")
+  flags.DEFINE_string("hlo_out", None, "Also write the train step's optimized HLO here.")
   flags.DEFINE_bool("eval", True, "Also compile the eval embedding steps.")
   flags.mark_flags_as_required(["config", "topology"])
   cli.run(main, "big_clip.plan")

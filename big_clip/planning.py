@@ -67,6 +67,9 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
                         "pip install -r requirements-tpu.txt") from e
   # libtpu asks the (absent) TPU metadata server for these; set, it does not warn about them.
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Compiling needs no chip: let several processes (test workers, a plan next to a
+  # benchmark) load libtpu at once instead of the first one locking the rest out.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = {"chip_config_name": "megacore"} if generation in MEGACORE else {}
   if num_slices > 1:
     kwargs["num_slices"] = num_slices
@@ -74,7 +77,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
   except Exception as e:  # noqa: BLE001 - libtpu's message names what it cannot build
     raise TopologyError(f"--topology={topology!r} (num_slices={num_slices}): libtpu cannot "
-                        f"describe it ({' '.join(str(e).split())[:200]}); use a slice shape of "
+                        f"describe it ({' '.join(str(e).split())[:300]}); use a slice shape of "
                         "that generation, e.g. v5e:4x4, v4:2x2x2.") from e
   return list(desc.devices)
 
@@ -281,8 +284,9 @@ def _advice(config: ml_collections.ConfigDict, mesh: Mesh, mem: dict[str, int]) 
 
 
 def compile_plan(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
-                 with_eval: bool = True) -> dict[str, Any]:
-  """Compiles the train step (and the eval towers) of `config` for `topology`; the report."""
+                 with_eval: bool = True, hlo_path: str | None = None) -> dict[str, Any]:
+  """Compiles the train step (and the eval towers) of `config` for `topology`; the report.
+  `hlo_path`: also write the train step's optimized HLO there."""
   devices = topology_devices(topology, num_slices)
   mesh = topology_mesh({a: config.mesh[a] for a in sharding.MESH_AXES}, devices, num_slices)
   processes = len({d.process_index for d in devices})
@@ -297,7 +301,11 @@ def compile_plan(config: ml_collections.ConfigDict, topology: str, num_slices: i
     compiled = p.jit_step(mesh).lower(p.abstract_sharded_state(), p.abstract_batch).compile()
   seconds = time.perf_counter() - t0
   mem = _memory(compiled)
-  counts = count_hlo(compiled.as_text())
+  hlo = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(hlo)
+  counts = count_hlo(hlo)
   xla_cost = compiled.cost_analysis() or {}
   if isinstance(xla_cost, list):
     xla_cost = xla_cost[0] if xla_cost else {}
