@@ -149,13 +149,23 @@ def _op_flops(op: str, out_shape: str, rest: str, shapes: dict[str, str]) -> int
   out_elems = math.prod(outs[0][1])
   if op == "dot":
     return 2 * out_elems * math.prod(lhs[0][1][i] for i in _dims("lhs_contracting_dims", rest))
-  # Each output element sums over the kernel's window and input features: the kernel's size
-  # without its output-feature dimension.
+  # Each output element sums over the kernel's input features times the window taps that
+  # land on input elements. The TPU compiler writes a batched matmul (attention) as a
+  # convolution whose batch dimensions are spatial with lhs_dilate = window size: one of
+  # those taps is real, so a window dimension contributes ceil(size / lhs_dilate) taps.
   labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
   if not labels:
     return 0
   kernel = rhs[0][1]
-  return 2 * out_elems * math.prod(kernel) // max(kernel[labels.group(1).index("o")], 1)
+  taps = 1
+  window = re.search(r"window=\{([^}]*)\}", rest)
+  if window:
+    field = lambda k: [int(v) for v in re.search(k + r"=([\dx]+)", window.group(1)).group(1)
+                       .split("x")] if re.search(k + r"=", window.group(1)) else None
+    size = field("size") or []
+    dilate = field("lhs_dilate") or [1] * len(size)
+    taps = math.prod(-(-n // d) for n, d in zip(size, dilate))
+  return 2 * out_elems * kernel[labels.group(1).index("i")] * taps
 
 
 def _trip_count(rest: str, comps: dict[str, list[tuple[str, str, str, str]]]) -> int:
