@@ -178,9 +178,10 @@ def main(argv=None) -> None:
         reports.append({"recipe": name, **planning.compile_plan(
             recipe_config(name), args.topology, with_eval=False,
             hlo_path=f"{args.out}.{name}.hlo" if args.out else None)})
-      if args.out:
-        with open(args.out, "w") as fh:
-          json.dump(reports, fh, indent=1)
+        print(planning.describe(reports[-1]), flush=True)
+        if args.out:  # after each recipe: a pod recipe takes minutes to compile
+          with open(args.out, "w") as fh:
+            json.dump(reports, fh, indent=1)
     compiled_table(reports)
     return
   cols = ("params_M", "tflop_per_step", "step_s_at_50pct", "state_GiB", "gathered_GiB",
