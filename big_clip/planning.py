@@ -278,6 +278,26 @@ def _memory(compiled) -> dict[str, int]:
           "code": code, "total": args + temps + outs - alias + code}
 
 
+def _shard_bytes(tree: Any) -> int:
+  """Bytes of one chip's shard of every array of a tree of sharded ShapeDtypeStructs."""
+  return sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(tree))
+
+
+def _memory_from_error(message: str, p: steps.Plan) -> dict[str, int]:
+  """The memory of a step the compiler refused as too large: its temporaries from the
+  message ('... HLO temporaries (58.18G) exceeds available HBM (30.75G)'), the arguments
+  from the sharded shapes (the state and the batch), the outputs: the donated state."""
+  m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+  if "RESOURCE_EXHAUSTED" not in message or not m:
+    raise RuntimeError(message)
+  temps = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+  state = _shard_bytes(p.abstract_sharded_state())
+  args = state + _shard_bytes(p.abstract_batch)
+  return {"arguments": args, "temporaries": temps, "outputs": state, "aliased": state,
+          "code": 0, "total": args + temps, "compiler_message": " ".join(message.split())[:300]}
+
+
 def _advice(config: ml_collections.ConfigDict, mesh: Mesh, mem: dict[str, int]) -> list[str]:
   fixes = []
   if mem["temporaries"] >= mem["arguments"]:
@@ -308,18 +328,27 @@ def compile_plan(config: ml_collections.ConfigDict, topology: str, num_slices: i
   p = steps.plan(config, mesh)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = p.jit_step(mesh).lower(p.abstract_sharded_state(), p.abstract_batch).compile()
+    lowered = p.jit_step(mesh).lower(p.abstract_sharded_state(), p.abstract_batch)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      # The TPU compiler itself refuses a program whose buffers exceed the chip's HBM.
+      compiled, mem = None, _memory_from_error(str(e), p)
   seconds = time.perf_counter() - t0
-  mem = _memory(compiled)
-  hlo = compiled.as_text()
-  if hlo_path:
-    with open(hlo_path, "w") as f:
-      f.write(hlo)
-  counts = count_hlo(hlo)
-  xla_cost = compiled.cost_analysis() or {}
-  if isinstance(xla_cost, list):
-    xla_cost = xla_cost[0] if xla_cost else {}
-  fits = mem["total"] <= hbm
+  if compiled is not None:
+    mem = _memory(compiled)
+    hlo = compiled.as_text()
+    if hlo_path:
+      with open(hlo_path, "w") as f:
+        f.write(hlo)
+    counts = count_hlo(hlo)
+    xla_cost = compiled.cost_analysis() or {}
+    if isinstance(xla_cost, list):
+      xla_cost = xla_cost[0] if xla_cost else {}
+  else:
+    counts = HloCounts(0.0, {k: {"count": 0, "bytes": 0} for k in COLLECTIVES})
+    xla_cost = {}
+  fits = compiled is not None and mem["total"] <= hbm
   report = {
       "topology": topology, "num_slices": num_slices, "chips": len(devices),
       "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
@@ -333,7 +362,10 @@ def compile_plan(config: ml_collections.ConfigDict, topology: str, num_slices: i
       "compile_seconds": seconds,
       "advice": [] if fits else _advice(config, mesh, mem),
   }
-  if with_eval:
+  if compiled is None:  # no program: no FLOPs or collectives to read
+    report.update(flops_per_chip=None, collectives=None,
+                  compiler_message=mem["compiler_message"])
+  if with_eval and fits:
     report["eval"] = compile_eval(config, mesh, p)
   return report
 
@@ -379,14 +411,19 @@ def describe(report: dict[str, Any]) -> str:
       f"train step, per chip: arguments {g(m['arguments'])}, temporaries {g(m['temporaries'])}, "
       f"outputs {g(m['outputs'])} ({g(report['aliased_bytes'])} of them donated), "
       f"total {g(m['total'])} of {g(report['hbm_bytes'])} HBM",
-      f"FLOPs per chip per step: {report['flops_per_chip']:.4g} (dots and convolutions of the "
-      f"optimized HLO, loop bodies x trip count; XLA cost_analysis, loop bodies once: "
-      f"{report['xla_cost_analysis_flops']:.4g})",
-      "collectives per chip per step: " + ", ".join(
-          f"{k} {v['count']} x = {v['bytes'] / 2**20:.1f} MiB"
-          for k, v in report["collectives"].items() if v["count"]) or "none",
-      f"compiled in {report['compile_seconds']:.1f} s",
   ]
+  if report["flops_per_chip"] is None:
+    lines.append(f"the TPU compiler refused the step: {report['compiler_message']}")
+  else:
+    lines += [
+        f"FLOPs per chip per step: {report['flops_per_chip']:.4g} (dots and convolutions of "
+        f"the optimized HLO, loop bodies x trip count; XLA cost_analysis, loop bodies once: "
+        f"{report['xla_cost_analysis_flops']:.4g})",
+        "collectives per chip per step: " + (", ".join(
+            f"{k} {v['count']} x = {v['bytes'] / 2**20:.1f} MiB"
+            for k, v in report["collectives"].items() if v["count"]) or "none"),
+    ]
+  lines.append(f"compiled in {report['compile_seconds']:.1f} s")
   if "eval" in report:
     e = report["eval"]
     lines.append(f"eval embedding at batch {e['batch']}, per chip total: image "
