@@ -150,22 +150,42 @@ def _op_flops(op: str, out_shape: str, rest: str, shapes: dict[str, str]) -> int
   if op == "dot":
     return 2 * out_elems * math.prod(lhs[0][1][i] for i in _dims("lhs_contracting_dims", rest))
   # Each output element sums over the kernel's input features times the window taps that
-  # land on input elements. The TPU compiler writes a batched matmul (attention) as a
-  # convolution whose batch dimensions are spatial with lhs_dilate = window size: one of
-  # those taps is real, so a window dimension contributes ceil(size / lhs_dilate) taps.
-  labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
+  # land on real input elements (not padding, not the holes of lhs_dilate). The TPU
+  # compiler writes attention's batched matmuls as convolutions whose batch dimensions are
+  # spatial (lhs_dilate = window size, or a padded reversed window): there only one tap per
+  # output is real, so taps are counted per spatial dimension, not taken as the window size.
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
   if not labels:
     return 0
-  kernel = rhs[0][1]
-  taps = 1
+  lhs_l, rhs_l, out_l = labels.groups()
+  kernel, out = rhs[0][1], outs[0][1]
+  pairs = 1  # (output position, kernel tap) pairs that read a real input element
   window = re.search(r"window=\{([^}]*)\}", rest)
-  if window:
-    field = lambda k: [int(v) for v in re.search(k + r"=([\dx]+)", window.group(1)).group(1)
-                       .split("x")] if re.search(k + r"=", window.group(1)) else None
-    size = field("size") or []
-    dilate = field("lhs_dilate") or [1] * len(size)
-    taps = math.prod(-(-n // d) for n, d in zip(size, dilate))
-  return 2 * out_elems * kernel[labels.group(1).index("i")] * taps
+  spatial = sorted(c for c in out_l if c.isdigit())
+  if window and spatial:
+    def field(key: str, default: list[int]) -> list[int]:
+      m = re.search(r"\b" + key + r"=([\d_x\-]+)", window.group(1))
+      return [int(v) for v in m.group(1).split("x")] if m and "_" not in m.group(1) else default
+
+    n_sp = len(spatial)
+    size = field("size", [1] * n_sp)
+    stride = field("stride", [1] * n_sp)
+    lhs_dil = field("lhs_dilate", [1] * n_sp)
+    rhs_dil = field("rhs_dilate", [1] * n_sp)
+    pad = re.search(r"\bpad=([\d_x\-]+)", window.group(1))
+    pads = ([tuple(int(v) for v in d.split("_")) for d in pad.group(1).split("x")]
+            if pad else [(0, 0)] * n_sp)
+    for i, c in enumerate(spatial):
+      n_in, n_out = lhs[0][1][lhs_l.index(c)], out[out_l.index(c)]
+      span = (n_in - 1) * lhs_dil[i]
+      valid = 0
+      for j in range(n_out):
+        for t in range(size[i]):
+          q = j * stride[i] + t * rhs_dil[i] - pads[i][0]
+          valid += 0 <= q <= span and q % lhs_dil[i] == 0
+      pairs *= valid
+    out_elems //= math.prod(out[out_l.index(c)] for c in spatial)
+  return 2 * out_elems * kernel[rhs_l.index("i")] * pairs
 
 
 def _trip_count(rest: str, comps: dict[str, list[tuple[str, str, str, str]]]) -> int:
