@@ -109,7 +109,11 @@ RECIPES = ("clip_vit_b32", "siglip_vit_b16", "longclip_finetune", "llm2clip")
 
 
 def recipe_config(name: str):
-  return importlib.import_module(f"configs.{name}").get_config()
+  c = importlib.import_module(f"configs.{name}").get_config()
+  if name == "llm2clip":  # a Llama-3-8B-sized tower without the weights folder
+    c.model.text.update(width=4096, depth=32, heads=32, mlp_dim=14336, vocab_size=128256)
+    c.model.text.llm.update(path="", cache_dir="", kv_heads=8)  # the frozen LLM runs live
+  return c
 
 
 def recipe_formulas(c, chips: int) -> dict[str, float]:
