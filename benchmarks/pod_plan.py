@@ -1,6 +1,19 @@
 r"""Expected FLOPs per step and memory per chip for CLIP ViT-B/16 and ViT-L/14 on a v5e-256 pod.
 
-    python -m benchmarks.pod_plan
+    python -m benchmarks.pod_plan                      # the formulas below
+    python -m benchmarks.pod_plan --compiled A.json ...  # next to big_clip.plan reports
+    python -m benchmarks.pod_plan --compile --recipes siglip_vit_b16 --topology v5e:16x16
+
+The compiled side comes from the TPU compiler (`python -m big_clip.plan --json`, which needs
+libtpu): per-chip memory from XLA's buffer assignment and the collectives of the optimized
+HLO, per step. Each recipe's formula is printed next to it:
+
+  state       trainable: 16 bytes per parameter (fp32 weights, gradients, Adam mu/nu),
+              frozen: its storage dtype; sharded over the fsdp x tensor chips
+  all-gather  FSDP gathers every weight for the forward and again for the backward:
+              2 passes x P x 2 bytes (bf16) per chip; the compiled/formula ratio says how
+              many passes (and in which dtype) the compiler really made
+  reduce-scatter  the fp32 gradients, 4 P / fsdp bytes per chip (the scattered result)
 
 Global batch 32k, FSDP over all 256 chips (config.mesh fsdp=-1), bfloat16 compute,
 float32 parameters, gradients and Adam moments. FLOPs come from benchmarks/flops.py, the
@@ -25,10 +38,14 @@ from the formulas below (bytes per chip):
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 
 import jax
+from flax import nnx
 
 from benchmarks import flops
+from big_clip import optim, planning
 from big_clip.models import two_tower
 from configs import clip_vit_b32
 
@@ -56,7 +73,6 @@ def model_config(name: str):
 
 def count_params(config) -> int:
   abstract = jax.eval_shape(two_tower.init_fn(config.model, config.seed))
-  from flax import nnx
   return sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
 
 
@@ -89,11 +105,89 @@ def plan(name: str, global_batch: int, chips: int) -> dict[str, float]:
   }
 
 
+RECIPES = ("clip_vit_b32", "siglip_vit_b16", "longclip_finetune", "llm2clip")
+
+
+def recipe_config(name: str):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  if name == "llm2clip":  # a Llama-3-8B-sized tower without the weights folder
+    c.model.text.update(width=4096, depth=32, heads=32, mlp_dim=14336, vocab_size=128256)
+    c.model.text.llm.update(path="", cache_dir="", kv_heads=8)  # the frozen LLM runs live
+  return c
+
+
+def recipe_formulas(c, chips: int) -> dict[str, float]:
+  """The formulas of the module docstring for recipe config `c` on `chips` chips."""
+  abstract = jax.eval_shape(two_tower.init_fn(c.model, c.seed))
+  state = nnx.to_pure_dict(nnx.state(abstract))
+  trainable, frozen = optim.partition(state, optim.trainable_mask(abstract))
+  size = lambda t: sum(x.size for x in jax.tree.leaves(t))
+  nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+  shards = chips // max(1, c.mesh.data if c.mesh.data > 0 else 1)
+  p_train = size(trainable)
+  return {
+      "params_M": size(state) / 1e6,
+      "trainable_M": p_train / 1e6,
+      "state_GiB": (16 * p_train + nbytes(frozen)) / shards / GiB,
+      "all_gather_GiB": 2 * 2 * p_train / GiB,
+      "reduce_scatter_GiB": 4 * p_train / shards / GiB,
+  }
+
+
+def compiled_table(reports: list[dict]) -> None:
+  cols = ("recipe", "topology", "mesh", "batch/chip", "params M (trainable)",
+          "args GiB", "temps GiB", "total GiB (HBM)", "state formula GiB",
+          "all-gather GiB: compiled / formula", "reduce-scatter GiB: compiled / formula",
+          "all-reduce GiB", "TFLOP/chip: HLO / analytic")
+  print("| " + " | ".join(cols) + " |")
+  print("|---" * len(cols) + "|")
+  for r in reports:
+    c = recipe_config(r["recipe"])
+    f = recipe_formulas(c, r["chips"])
+    m, coll = r["per_chip_bytes"], r["collectives"]
+    dp = r["mesh"]["data"] * r["mesh"]["fsdp"]
+    try:
+      analytic = f"{flops.train_step_flops(c.model, r['global_batch']) / r['chips'] / 1e12:.3g}"
+    except Exception:  # noqa: BLE001 - an LLM tower has no analytic count here
+      analytic = "-"
+    g = lambda b: f"{b / GiB:.2f}"
+    mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1)
+    print(f"| {r['recipe']} | {r['topology']} | {mesh} | {r['global_batch'] // dp} | "
+          f"{f['params_M']:.0f} ({f['trainable_M']:.0f}) | {g(m['arguments'])} | "
+          f"{g(m['temporaries'])} | {g(m['total'])} ({r['hbm_bytes'] / GiB:.0f}) | "
+          f"{f['state_GiB']:.3f} | {g(coll['all-gather']['bytes'])} / "
+          f"{f['all_gather_GiB']:.2f} | {g(coll['reduce-scatter']['bytes'])} / "
+          f"{f['reduce_scatter_GiB']:.3f} | {g(coll['all-reduce']['bytes'])} | "
+          f"{r['flops_per_chip'] / 1e12:.3g} / {analytic} |")
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--global_batch", type=int, default=32768)
   p.add_argument("--chips", type=int, default=256)
+  p.add_argument("--compiled", nargs="*", default=None,
+                 help="reports written by --compile --out, to tabulate again")
+  p.add_argument("--compile", action="store_true", help="compile --recipes for --topology now")
+  p.add_argument("--recipes", default=",".join(RECIPES))
+  p.add_argument("--topology", default="v5e:16x16")
+  p.add_argument("--out", default=None, help="with --compile: write the reports here (JSON)")
   args = p.parse_args(argv)
+  if args.compile or args.compiled is not None:
+    reports = []
+    for path in args.compiled or ():
+      with open(path) as fh:
+        reports.extend(json.load(fh))
+    if args.compile:
+      for name in args.recipes.split(","):
+        reports.append({"recipe": name, **planning.compile_plan(
+            recipe_config(name), args.topology, with_eval=False,
+            hlo_path=f"{args.out}.{name}.hlo" if args.out else None)})
+        print(planning.describe(reports[-1]), flush=True)
+        if args.out:  # after each recipe: a pod recipe takes minutes to compile
+          with open(args.out, "w") as fh:
+            json.dump(reports, fh, indent=1)
+    compiled_table(reports)
+    return
   cols = ("params_M", "tflop_per_step", "step_s_at_50pct", "state_GiB", "gathered_GiB",
           "act_GiB", "act_remat_GiB", "loss_softmax_GiB", "loss_gathered_BxB_GiB",
           "loss_sigmoid_ring_GiB")

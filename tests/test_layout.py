@@ -16,7 +16,7 @@ import pytest
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "big_clip")
 
 BINARIES = {"big_clip.train", "big_clip.evaluate", "big_clip.export", "big_clip.predict",
-            "big_clip.report"}
+            "big_clip.report", "big_clip.plan"}
 # Lower layers first; a module may import its own layer and the layers below it.
 LAYERS = (
     ("base", ("big_clip.errors", "big_clip.config", "big_clip.workdir", "big_clip.sharding",
@@ -27,6 +27,7 @@ LAYERS = (
     ("convert", ("big_clip.convert",)),
     ("evals", ("big_clip.evals",)),
     ("steps", ("big_clip.steps",)),
+    ("planning", ("big_clip.planning",)),  # compiles the steps for a TPU topology
     ("reporting", ("big_clip.reporting",)),  # plots of a workdir's logs
     ("api", ("big_clip.api",)),  # load / embed / zero-shot over the parts
     ("package", ("big_clip",)),  # the package root: the user's door
