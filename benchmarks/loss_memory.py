@@ -58,7 +58,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from big_clip import losses, sharding, steps  # noqa: E402
 from benchmarks import loss_baselines  # noqa: E402
-from big_clip.losses import grouped  # noqa: E402
+from big_clip.losses import grouped, shared  # noqa: E402
 
 MiB = 2**20
 GiB = 2**30

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from big_clip import config as config_lib
-from big_clip import sharding, steps
+from big_clip import sharding
+from big_clip import steps as steps_lib
 from big_clip.models import vit
 from tests import test_models, test_train
 
@@ -77,7 +78,7 @@ def masked_config():
 def first_moves(config, mesh, batch, steps=(1,)):
   """Parameter moves of the steps compiled for global steps `steps`, each from the init
   (step 1 is masked; from step 2 on, past patch_dropout_until_step=1, unmasked)."""
-  setup = steps.build(config, mesh)
+  setup = steps_lib.build(config, mesh)
   init = jax.device_get(setup.state["params"])
   placed = sharding.place_batch(batch, mesh)
   moves = []

@@ -15,7 +15,7 @@ import pytest
 
 from big_clip import config as config_lib
 from big_clip import sharding, steps, train
-from big_clip.models import two_tower
+from big_clip.models import adapt, two_tower
 from big_clip.data import pipeline, embedded, tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,7 +242,6 @@ def test_sigkill_while_checkpoints_are_written_then_restart_reaches_the_same_par
   """Real kill -9s, each at a seeded random moment inside a checkpoint write (orbax's
   temporary directory exists), three in a row on one workdir; the run resumed after them
   ends with bit-identical parameters and loss curve to an uninterrupted run."""
-  from big_clip import export
 
   cfg_file = tmp_path / "cfg.py"
   cfg_file.write_text(
@@ -264,8 +263,8 @@ def test_sigkill_while_checkpoints_are_written_then_restart_reaches_the_same_par
     assert subprocess.run(cmd + [f"--workdir={workdir}"], cwd=ROOT, env=env,
                           capture_output=True).returncode == 0
   assert not [n for n in os.listdir(killed / "checkpoints") if "tmp" in n]
-  params_killed = export.restore_workdir(str(killed))[1]
-  params_straight = export.restore_workdir(str(tmp_path / "straight"))[1]
+  params_killed = adapt.read_run(str(killed))[1]
+  params_straight = adapt.read_run(str(tmp_path / "straight"))[1]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params_killed),
                jax.device_get(params_straight))
   curve_killed, curve_straight = _loss_curve(killed), _loss_curve(tmp_path / "straight")
