@@ -49,7 +49,7 @@ def test_readme_is_short_and_opens_with_the_two_commands():
   text = open(PAGES[0]).read()
   assert len(text.splitlines()) <= 150
   blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-  assert blocks[0].strip() == FIRST_COMMAND and blocks[1].strip() == "python -m pytest -q"
+  assert blocks[0].strip() == FIRST_COMMAND and blocks[1].strip() == "python -m pytest -q -n 2"
 
 
 def test_every_docs_page_opens_with_a_runnable_example():
