@@ -109,15 +109,14 @@ def maybe_initialize_distributed(multihost: str | bool) -> None:
   """Calls `jax.distributed.initialize()` for multi-host runs.
 
   `multihost='auto'` initializes when the environment names a coordinator
-  (JAX_COORDINATOR_ADDRESS, or a TPU pod / SLURM / Open MPI environment that JAX
-  auto-detects); True always initializes; False never does. Elsewhere, set
+  (JAX_COORDINATOR_ADDRESS) or a job of several processes that JAX auto-detects (a TPU pod
+  or multi-slice, SLURM or Open MPI with more than one task); True always initializes;
+  False never does. Elsewhere, set
   JAX_COORDINATOR_ADDRESS=host0:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i (0..N-1)
   on every process.
   """
   if multihost == "auto":
-    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-               "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-    multihost = any(m in os.environ for m in markers)
+    multihost = environment_is_multihost(os.environ)
   if multihost:
     # Where no cluster is auto-detected (plain multi-node GPU, or CPU processes on one
     # machine) each process names its rank: JAX_NUM_PROCESSES and JAX_PROCESS_ID.
@@ -131,6 +130,24 @@ def maybe_initialize_distributed(multihost: str | bool) -> None:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+
+
+def environment_is_multihost(env: Mapping[str, str]) -> bool:
+  """Whether `env` describes a run of more than one process: a coordinator address, a
+  multi-slice TPU, or a SLURM / Open MPI / TPU-pod job of more than one task or host. A
+  one-task SLURM job or a one-host TPU VM is a single process: initializing there fails."""
+  if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return True
+
+  def more_than_one(name: str) -> bool:
+    try:
+      return int(env.get(name, "1")) > 1
+    except ValueError:
+      return False
+
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return (len(hosts) > 1 or more_than_one("SLURM_NTASKS") or more_than_one("SLURM_NPROCS")
+          or more_than_one("OMPI_COMM_WORLD_SIZE"))
 
 
 def logical_to_mesh(logical: Sequence[str | None] | None,

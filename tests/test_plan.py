@@ -47,6 +47,13 @@ def test_v5e_memory_flops_and_collectives(v5e):
   assert v5e["eval"]["image"]["per_chip_bytes"]["total"] > 0
 
 
+def test_planning_leaves_no_tpu_pod_marker_behind_for_a_later_train_run(v5e):
+  # A TPU_WORKER_HOSTNAMES left in os.environ made train() in the same process call
+  # jax.distributed.initialize() and fail (caught by CI, not by a test).
+  assert "TPU_WORKER_HOSTNAMES" not in os.environ
+  assert "ALLOW_MULTIPLE_LIBTPU_LOAD" not in os.environ
+
+
 def test_v4_megacore_fsdp():
   c = small_config()
   c.mesh.update(data=1, fsdp=-1)

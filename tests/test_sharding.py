@@ -69,3 +69,18 @@ def test_place_batch_splits_the_batch_over_data_and_fsdp():
   arr = sharding.place_batch({"x": x}, mesh)["x"]
   np.testing.assert_array_equal(np.asarray(arr), x)
   assert {s.data.shape for s in arr.addressable_shards} == {(2, 3)}
+
+
+@pytest.mark.parametrize("env, multihost", [
+    ({}, False),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, False),  # a one-task job (e.g. a CI runner)
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # one TPU VM host
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "host0:1234"}, True),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "host0"}, True),
+])
+def test_auto_multihost_only_where_the_environment_names_several_processes(env, multihost):
+  assert sharding.environment_is_multihost(env) is multihost
