@@ -11,6 +11,14 @@ sentencepiece model on their captions, then measures
 and reports ratio = pipeline / step (>= 3 means the input never starves the step).
 
   python benchmarks/input_pipeline.py --json /tmp/input_pipeline.json
+
+`--live` measures instead what the real train loop waits for: `big_clip.train.train` runs the
+Flickr recipe (configs/flickr_multi30k.py) and the embedded default (configs/default.py) for
+`--live_steps` steps each, with no evals or checkpoints in between, and reports the mean
+`data_wait_fraction` the loop logged (the share of wall time blocked on the next batch and its
+host->device copy), first window excluded (tf.data threads still starting).
+
+  python benchmarks/input_pipeline.py --live --json /tmp/live_wait.json
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from big_clip import config as config_lib  # noqa: E402
-from big_clip import sharding, steps  # noqa: E402
+from big_clip import sharding, steps, train  # noqa: E402
 from big_clip.data import pipeline, shards, tokenizers  # noqa: E402
 
 DEFAULT_MANIFEST = os.path.join(ROOT, "..", "shared", "data", "flickr8k_multi30k",
@@ -103,6 +111,32 @@ def step_rate(c, steps: int) -> float:
   return steps * gb / (time.perf_counter() - t0)
 
 
+def _load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def live_wait(name: str, steps: int, log_every: int) -> dict:
+  """Runs recipe `name` for `steps` steps in the real loop; the logged data-wait shares."""
+  c = _load_config(name)
+  c.total_steps, c.log_every = steps, log_every
+  c.evals = ()
+  c.eval.every_steps = c.checkpoint.every_steps = 10 * steps  # only the final ones
+  with tempfile.TemporaryDirectory() as work:
+    t0 = time.perf_counter()
+    train.train(c, work)
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+      rows = [r for r in map(json.loads, f) if "data_wait_fraction" in r]
+  waits = [r["data_wait_fraction"] for r in rows[1:]]
+  return {"recipe": name, "steps": steps, "global_batch": c.data.global_batch,
+          "data_wait_fraction": float(np.mean(waits)), "max_window": float(np.max(waits)),
+          "examples_per_s": float(np.mean([r["examples_per_s"] for r in rows[1:]])),
+          "wall_seconds": seconds}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--manifest", default=os.environ.get("BIG_CLIP_FLICKR_MANIFEST",
@@ -112,7 +146,23 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=40, help="pipeline batches timed")
   parser.add_argument("--steps", type=int, default=3, help="train steps timed")
   parser.add_argument("--json", default=None, help="write the numbers here")
+  parser.add_argument("--live", action="store_true",
+                      help="measure data_wait_fraction in the real train loop instead")
+  parser.add_argument("--live_steps", type=int, default=120)
+  parser.add_argument("--live_recipes", default="flickr_multi30k,default")
   args = parser.parse_args()
+  if args.live:
+    rows = []
+    for name in args.live_recipes.split(","):
+      rows.append(live_wait(name, args.live_steps, max(1, args.live_steps // 6)))
+      r = rows[-1]
+      print(f"{name}: data_wait_fraction {r['data_wait_fraction']:.3f} (worst window "
+            f"{r['max_window']:.3f}), {r['examples_per_s']:.0f} examples/s, batch "
+            f"{r['global_batch']}, {r['steps']} steps  (target <= 0.05)", flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(rows, f, indent=2)
+    return
   if not os.path.exists(args.manifest):
     sys.exit(f"No Flickr manifest at {os.path.normpath(args.manifest)}; put flickr8k_multi30k "
              "in ../shared/data/ or pass --manifest (BIG_CLIP_FLICKR_MANIFEST).")

@@ -108,11 +108,20 @@ def plan(name: str, global_batch: int, chips: int) -> dict[str, float]:
 RECIPES = ("clip_vit_b32", "siglip_vit_b16", "longclip_finetune", "llm2clip")
 
 
-def recipe_config(name: str):
+def recipe_config(name: str, overrides: list[str] = ()):
+  """Recipe `name`'s config (an 8B LLM tower for llm2clip) with KEY=VALUE `overrides`."""
   c = importlib.import_module(f"configs.{name}").get_config()
   if name == "llm2clip":  # a Llama-3-8B-sized tower without the weights folder
     c.model.text.update(width=4096, depth=32, heads=32, mlp_dim=14336, vocab_size=128256)
     c.model.text.llm.update(path="", cache_dir="", kv_heads=8)  # the frozen LLM runs live
+  for item in overrides:
+    key, _, value = item.partition("=")
+    *sections, leaf = key.split(".")
+    target = c
+    for part in sections:
+      target = target[part]
+    old = target[leaf]
+    target[leaf] = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
   return c
 
 
@@ -142,7 +151,7 @@ def compiled_table(reports: list[dict]) -> None:
   print("| " + " | ".join(cols) + " |")
   print("|---" * len(cols) + "|")
   for r in reports:
-    c = recipe_config(r["recipe"])
+    c = recipe_config(r["recipe"], r.get("overrides", ()))
     f = recipe_formulas(c, r["chips"])
     m, coll = r["per_chip_bytes"], r["collectives"]
     dp = r["mesh"]["data"] * r["mesh"]["fsdp"]
@@ -152,7 +161,8 @@ def compiled_table(reports: list[dict]) -> None:
       analytic = "-"
     g = lambda b: f"{b / GiB:.2f}"
     mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1)
-    print(f"| {r['recipe']} | {r['topology']} | {mesh} | {r['global_batch'] // dp} | "
+    recipe = " ".join([r["recipe"], *r.get("overrides", ())])
+    print(f"| {recipe} | {r['topology']} | {mesh} | {r['global_batch'] // dp} | "
           f"{f['params_M']:.0f} ({f['trainable_M']:.0f}) | {g(m['arguments'])} | "
           f"{g(m['temporaries'])} | {g(m['total'])} ({r['hbm_bytes'] / GiB:.0f}) | "
           f"{f['state_GiB']:.3f} | {g(coll['all-gather']['bytes'])} / "
@@ -171,6 +181,9 @@ def main(argv=None) -> None:
   p.add_argument("--recipes", default=",".join(RECIPES))
   p.add_argument("--topology", default="v5e:16x16")
   p.add_argument("--out", default=None, help="with --compile: write the reports here (JSON)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="with --compile: override a config key of every recipe (repeatable), "
+                      "e.g. --set mesh.data=16 --set mesh.fsdp=16 to compare mesh splits")
   args = p.parse_args(argv)
   if args.compile or args.compiled is not None:
     reports = []
@@ -179,8 +192,9 @@ def main(argv=None) -> None:
         reports.extend(json.load(fh))
     if args.compile:
       for name in args.recipes.split(","):
-        reports.append({"recipe": name, **planning.compile_plan(
-            recipe_config(name), args.topology, with_eval=False,
+        c = recipe_config(name, args.set)
+        reports.append({"recipe": name, "overrides": list(args.set), **planning.compile_plan(
+            c, args.topology, with_eval=False,
             hlo_path=f"{args.out}.{name}.hlo" if args.out else None)})
         print(planning.describe(reports[-1]), flush=True)
         if args.out:  # after each recipe: a pod recipe takes minutes to compile

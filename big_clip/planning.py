@@ -20,7 +20,6 @@ What the compiled program tells, per chip:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -70,30 +69,20 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   if num_slices > 1:
     kwargs["num_slices"] = num_slices
   # libtpu asks the (absent) TPU metadata server for TPU_WORKER_HOSTNAMES; set, it does not
-  # warn. Compiling needs no chip: ALLOW_MULTIPLE_LIBTPU_LOAD lets several processes (test
-  # workers, a plan next to a benchmark) load libtpu at once. Both are set only while libtpu
-  # describes the topology: left behind, TPU_WORKER_HOSTNAMES would make a later train() in
-  # this process believe it runs on a TPU pod and call jax.distributed.initialize().
-  with _environment(TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1"):
-    try:
-      desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
-    except Exception as e:  # noqa: BLE001 - libtpu's message names what it cannot build
-      raise TopologyError(f"--topology={topology!r} (num_slices={num_slices}): libtpu cannot "
-                          f"describe it ({' '.join(str(e).split())[:300]}); use a slice shape "
-                          "of that generation, e.g. v5e:4x4, v4:2x2x2.") from e
-  return list(desc.devices)
-
-
-@contextlib.contextmanager
-def _environment(**values: str):
-  """Sets environment variables that are not already set, and removes them again after."""
-  added = [k for k in values if k not in os.environ]
-  os.environ.update({k: values[k] for k in added})
+  # warn. It stays set for the process: removed again, a later topology in the same process
+  # finds it filled with libtpu's warning text instead. A single host ("localhost") does not
+  # make a later train() in this process multi-host (sharding.environment_is_multihost).
+  # Compiling needs no chip: ALLOW_MULTIPLE_LIBTPU_LOAD lets several processes (test
+  # workers, a plan next to a benchmark) load libtpu at once.
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    yield
-  finally:
-    for k in added:
-      os.environ.pop(k, None)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
+  except Exception as e:  # noqa: BLE001 - libtpu's message names what it cannot build
+    raise TopologyError(f"--topology={topology!r} (num_slices={num_slices}): libtpu cannot "
+                        f"describe it ({' '.join(str(e).split())[:300]}); use a slice shape of "
+                        "that generation, e.g. v5e:4x4, v4:2x2x2.") from e
+  return list(desc.devices)
 
 
 def topology_mesh(requested: dict[str, int], devices: Sequence[Any], num_slices: int = 1) -> Mesh:

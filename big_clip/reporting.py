@@ -182,7 +182,8 @@ def _summary(workdir: str, rows: Sequence[Mapping[str, Any]]) -> str:
   if rows:
     last = rows[-1]
     items += [("last logged step", last["step"])]
-    items += [(k, f"{last[k]:.4g}") for k in ("loss", "examples_per_s") if k in last]
+    items += [(k, f"{last[k]:.4g}") for k in ("loss", "examples_per_s", "data_wait_fraction")
+              if k in last]
   body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                  for k, v in items)
   return f"<table>{body}</table>"

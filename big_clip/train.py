@@ -113,11 +113,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   last: dict[str, float] = {}
   results: list[dict] = []
   t_log, step_log = time.perf_counter(), first_step
+  data_wait = 0.0  # seconds the loop blocked on the input pipeline since the last log
   logging.info("Training from step %d to %d, global batch %d", first_step, config.total_steps,
                config.data.global_batch)
   step = first_step
   for step in range(first_step + 1, config.total_steps + 1):
+    t_data = time.perf_counter()
     batch = sharding.place_batch(next(data_iter), mesh)
+    data_wait += time.perf_counter() - t_data
     with jax.transfer_guard("disallow"):  # no silent host<->device copies in the loop
       state, metrics = setup.step_for(step)(state, batch)
     pending.append(metrics)
@@ -130,16 +133,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
       last["nonfinite_steps"] = int(jax.device_get(state["nonfinite"]))
       now = time.perf_counter()
       steps_per_s = (step - step_log) / (now - t_log)
-      t_log, step_log = now, step
+      # The share of the loop's wall time spent waiting for the next batch (and its
+      # host->device copy); the step itself runs asynchronously meanwhile.
       last.update(steps_per_s=steps_per_s,
-                  examples_per_s=steps_per_s * config.data.global_batch)
+                  examples_per_s=steps_per_s * config.data.global_batch,
+                  data_wait_fraction=data_wait / (now - t_log))
+      t_log, step_log, data_wait = now, step, 0.0
       last.update({f"skipped/{k}": v for k, v in data_iter.skipped().items()})
       metrics_log.write(step, last)
       terms = ", ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss/"))
       logging.info("step %d/%d  loss %.4f%s  lr %.2e  scale %.1f  %.2f steps/s  %.0f ex/s  "
-                   "ETA %s", step, config.total_steps, last["loss"],
+                   "data wait %.0f%%  ETA %s", step, config.total_steps, last["loss"],
                    f" ({terms})" if terms else "", last["lr"], last["logit_scale"],
-                   steps_per_s, last["examples_per_s"],
+                   steps_per_s, last["examples_per_s"], 100 * last["data_wait_fraction"],
                    workdir_lib.eta((config.total_steps - step) / max(steps_per_s, 1e-9)))
 
     if step % config.checkpoint.every_steps == 0 or step == config.total_steps:

@@ -338,3 +338,32 @@ def test_logit_scale_is_clamped_at_the_cap_and_its_gradient_brings_it_back(monke
   cap, start = np.log(np.float32(100.0)), np.log(1 / 0.07)
   np.testing.assert_allclose(path, [start, start + 1, cap, cap, cap - 1, cap - 2, cap - 3,
                                     cap - 4, 0.0], atol=1e-5)
+
+
+def test_the_loop_logs_the_share_of_time_it_waited_for_data(tmp_path, spm_path, monkeypatch):
+  """A pipeline that takes 0.3 s per batch: each logged window (one step) spent at least those
+  0.3 s waiting, i.e. data_wait_fraction x window seconds >= 0.3; the fraction is <= 1."""
+  config = tiny_config(**{"data.tokenizer.path": spm_path, "total_steps": 4,
+                          "checkpoint.every_steps": 1000, "checkpoint.use_async": False})
+  make = pipeline.make
+
+  def slow(*args, **kwargs):
+    it = make(*args, **kwargs)
+
+    class Slow:
+      def __next__(self):
+        time.sleep(0.3)
+        return next(it)
+
+      def __getattr__(self, name):
+        return getattr(it, name)
+
+    return Slow()
+
+  monkeypatch.setattr(pipeline, "make", slow)
+  train.train(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [r for r in map(json.loads, f) if "data_wait_fraction" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    assert 0.3 <= r["data_wait_fraction"] / r["steps_per_s"] and r["data_wait_fraction"] <= 1
