@@ -419,7 +419,7 @@ def pool(hidden: jax.Array, tokens: jax.Array, valid: jax.Array, pooling: str,
           non-padding position if a text has none.
   """
   hidden = hidden.astype(jnp.float32)
-  b, t = tokens.shape
+  t = tokens.shape[1]
   if pooling == "mean":
     w = valid.astype(jnp.float32)
     return (hidden * w[..., None]).sum(1) / jnp.maximum(w.sum(1, keepdims=True), 1.0)
@@ -436,7 +436,7 @@ def pool(hidden: jax.Array, tokens: jax.Array, valid: jax.Array, pooling: str,
   else:
     raise ValueError(f"config.model.text.llm.pooling={pooling!r}; allowed: "
                      f"{', '.join(POOLINGS)}.")
-  return hidden[jnp.arange(b), idx]
+  return layers.take_positions(hidden, idx)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class TextTransformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     chex.assert_rank(tokens, 2)
-    b, length = tokens.shape
+    length = tokens.shape[1]
     if length > self.max_len:
       raise ValueError(f"text of length {length} exceeds config.model.text.max_len="
                        f"{self.max_len}; truncate in the tokenizer or raise max_len.")
@@ -131,5 +131,5 @@ class TextTransformer(nnx.Module):
     x = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat, causal=self.causal)
     # LayerNorm is per token, so pooling before ln_final equals CLIP's ln_final-then-pool.
     idx = pool_index(tokens, self.pool, eos_id=self.eos_id, pad_id=self.pad_id)
-    pooled = self.ln_final(x[jnp.arange(b), idx])
+    pooled = self.ln_final(layers.take_positions(x, idx))
     return self.proj(pooled).astype(jnp.float32)
