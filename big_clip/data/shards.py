@@ -128,7 +128,9 @@ class _TarWriter:
 
   def __init__(self, path: str):
     self._file = _open(path, "wb")
-    self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+    # Stream mode ("w|") never asks the file for its position, which not every filesystem
+    # tells (TensorFlow's ram://); the bytes are the same as mode "w".
+    self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
 
   def add(self, ex: RawExample) -> None:
     for name, data in ((f"{ex.key}.{ex.image_ext}", ex.image), (f"{ex.key}.json",
