@@ -9,7 +9,6 @@ means adding it here with its default, so it is documented in one place.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
