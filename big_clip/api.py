@@ -17,7 +17,6 @@ scores.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
@@ -27,7 +26,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from big_clip import sharding
+from big_clip import fileio, sharding
 from big_clip import workdir as workdir_lib
 from big_clip.convert import pretrained
 from big_clip.data import manifest, pipeline, tokenizers
@@ -238,13 +237,13 @@ def _mesh() -> jax.sharding.Mesh:
 
 
 def _load_workdir(workdir: str, step: int | None) -> Model:
-  if not os.path.exists(workdir_lib.config_path(workdir)):
+  if not fileio.exists(workdir_lib.config_path(workdir)):
     raise LoadError(f"{workdir!r} is not a big_clip workdir (no {workdir_lib.CONFIG_FILE}); "
                     "give a training workdir, hf:PATH or open_clip:PATH.")
   mesh = _mesh()
   config, params, step = adapt.read_run(workdir, step, mesh)
   if (config.model.text.kind != "llm" and not config.data.tokenizer.path
-      and not os.path.exists(workdir_lib.tokenizer_path(workdir))):
+      and not fileio.exists(workdir_lib.tokenizer_path(workdir))):
     raise LoadError(f"{workdir}: no tokenizer (config.data.tokenizer.path is empty and "
                     f"{workdir_lib.tokenizer_path(workdir)} does not exist); copy the run's "
                     "spm.model there.")
@@ -253,12 +252,12 @@ def _load_workdir(workdir: str, step: int | None) -> Model:
 
 
 def _load_pretrained(kind: str, path: str) -> Model:
-  if not os.path.isdir(path):
+  if not fileio.isdir(path):
     raise LoadError(f"{kind}:{path}: no such folder.")
   config, params = (pretrained.from_hf if kind == "hf" else pretrained.from_open_clip)(path)
   _preprocessing(kind, path, config)
   spm = os.path.join(path, "spm.model")
-  if not os.path.exists(spm):
+  if not fileio.exists(spm):
     raise LoadError(f"{kind}:{path} has no spm.model; big_clip embeds text with the "
                     "sentencepiece model its exports carry (copy the run's spm.model there).")
   tokenizer = tokenizers.SpmTokenizer(spm, config.data.max_len)
@@ -274,12 +273,11 @@ def _preprocessing(kind: str, path: str, config: ml_collections.ConfigDict) -> N
   """The folder's own image size / mean / std where it states them (open_clip's
   preprocess_cfg, transformers' preprocessor_config.json), else config's defaults (CLIP's)."""
   if kind == "open_clip":
-    with open(os.path.join(path, "open_clip_config.json")) as f:
-      pp = json.load(f).get("preprocess_cfg", {})
+    pp = fileio.read_json(os.path.join(path, "open_clip_config.json")).get("preprocess_cfg", {})
     mean, std = pp.get("mean"), pp.get("std")
   else:
     pp_path = os.path.join(path, HF_PREPROCESSOR)
-    pp = json.load(open(pp_path)) if os.path.exists(pp_path) else {}
+    pp = fileio.read_json(pp_path) if fileio.exists(pp_path) else {}
     mean, std = pp.get("image_mean"), pp.get("image_std")
   if mean and std:
     config.data.update(mean=tuple(mean), std=tuple(std))

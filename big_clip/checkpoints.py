@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from big_clip import fileio
 from big_clip import workdir as workdir_lib
 
 Path = tuple[Any, ...]  # a flat parameter path, e.g. ('text', 'positional_embedding')
@@ -75,11 +76,11 @@ def find(path: str) -> tuple[str, int | None, str]:
   (WORKDIR/checkpoints/STEP), a checkpoints folder or a workdir."""
   path = workdir_lib.absolute(path.rstrip("/"))
   base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(path):
+  if base.isdigit() and fileio.isdir(path):
     return os.path.dirname(path), int(base), os.path.dirname(os.path.dirname(path))
-  if os.path.isdir(os.path.join(path, workdir_lib.CHECKPOINTS)):
-    return os.path.join(path, workdir_lib.CHECKPOINTS), None, path
-  if base == workdir_lib.CHECKPOINTS and os.path.isdir(path):
+  if fileio.isdir(workdir_lib.checkpoints_dir(path)):
+    return workdir_lib.checkpoints_dir(path), None, path
+  if base == workdir_lib.CHECKPOINTS and fileio.isdir(path):
     return path, None, os.path.dirname(path)
   raise FileNotFoundError(f"{path!r} is not a checkpoint step folder (WORKDIR/checkpoints/"
                           "STEP) or a workdir with a checkpoints/ folder; train first with "

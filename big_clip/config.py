@@ -9,13 +9,13 @@ means adding it here with its default, so it is documented in one place.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
+from big_clip import fileio
 from big_clip.errors import UserError
 
 # OpenAI CLIP's pixel statistics (Radford et al. 2021), the default normalization.
@@ -209,12 +209,10 @@ def load_json(path: str, *, check: bool = True) -> ml_collections.ConfigDict:
   """A run's `config.json` (written at the start of training) merged into the schema: keys
   added to the schema since that run take their defaults. `check=False` skips validation,
   for readers that need only some sections (a teacher's or warm start's `model`)."""
-  try:
-    with open(path) as f:
-      values = json.load(f)
-  except FileNotFoundError:
+  if not fileio.exists(path):
     raise FileNotFoundError(f"{path} not found: is its folder a big_clip workdir (made by "
-                            "python -m big_clip.train)?") from None
+                            "python -m big_clip.train)?")
+  values = fileio.read_json(path)
   config = base()
   config.update(values)
   for key in FREE_MAPPINGS:  # a mapping is the run's own, not merged into the default's

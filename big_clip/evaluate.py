@@ -21,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from big_clip import checkpoints, cli, sharding
+from big_clip import checkpoints, cli, fileio, sharding
 from big_clip import config as config_lib
 from big_clip import workdir as workdir_lib
 from big_clip.data import pipeline
@@ -52,7 +52,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   step, params = checkpoints.read_params(ckpt_dir, step, target)
   results = suite.Suite(config, tokenizer, graphdef, mesh, model_name).run(params)
   output = output or os.path.join(workdir, "eval", "results.jsonl")
-  records.write_records(results, os.path.dirname(os.path.abspath(output)), step=step,
+  records.write_records(results, os.path.dirname(fileio.absolute(output)), step=step,
                         filename=os.path.basename(output), history=False)
   records.print_table(results, title=f"{model_name}, checkpoint step {step}")
   logging.info("Wrote %d records to %s", len(results), output)

@@ -18,12 +18,11 @@ this file is the command line.
 
 from __future__ import annotations
 
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from big_clip import cli
+from big_clip import cli, fileio
 from big_clip.convert import pretrained
 from big_clip.models import adapt
 
@@ -56,7 +55,7 @@ def main(argv: list[str]) -> None:
     pretrained.to_open_clip(params, config, out, tokenizer_path=tok)
     what = "open_clip"
   print(f"Exported {FLAGS.workdir} step {step} as {what} -> {out}: "
-        + ", ".join(sorted(os.listdir(out))))
+        + ", ".join(sorted(fileio.listdir(out))))
 
 
 def run() -> None:

@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from big_clip import cli, planning  # noqa: E402
+from big_clip import cli, fileio, planning  # noqa: E402
 from big_clip.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -37,8 +37,7 @@ def main(argv: list[str]) -> None:
                                  with_eval=FLAGS.eval, hlo_path=FLAGS.hlo_out)
   print(planning.describe(report), flush=True)
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(report, f, indent=1)
+    fileio.write(FLAGS.json, json.dumps(report, indent=1))
   if not report["fits"]:
     raise DoesNotFitError(planning.verdict(report))
 

@@ -36,7 +36,7 @@ from jax.experimental import mesh_utils, topologies
 from jax.sharding import AxisType, Mesh
 
 from big_clip import config as config_lib
-from big_clip import sharding, steps
+from big_clip import fileio, sharding, steps
 from big_clip.errors import UserError
 
 GiB = 2 ** 30
@@ -362,8 +362,7 @@ def compile_plan(config: ml_collections.ConfigDict, topology: str, num_slices: i
     mem = _memory(compiled)
     hlo = compiled.as_text()
     if hlo_path:
-      with open(hlo_path, "w") as f:
-        f.write(hlo)
+      fileio.write(hlo_path, hlo)
     counts = count_hlo(hlo)
     xla_cost = compiled.cost_analysis() or {}
     if isinstance(xla_cost, list):

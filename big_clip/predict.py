@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import flags, logging
 
-from big_clip import api, cli
+from big_clip import api, cli, fileio
 from big_clip.errors import UserError
 from big_clip.evals import datasets, labels
 
@@ -42,8 +42,8 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
   """Files as given; folders walked (sorted) for files with an image extension."""
   out = []
   for path in inputs:
-    if os.path.isdir(path):
-      for root, dirs, files in os.walk(path):
+    if fileio.isdir(path):
+      for root, dirs, files in fileio.walk(path):
         dirs.sort()
         out += [os.path.join(root, f) for f in sorted(files)
                 if f.lower().endswith(datasets.IMAGE_EXTENSIONS)]
@@ -61,13 +61,12 @@ def read_labels(labels_csv: Sequence[str] | None, labels_file: str | None
                        "--texts CAPTION (repeatable).")
   if labels_csv:
     return [l.strip() for l in labels_csv if l.strip()]
-  if not os.path.exists(labels_file):
+  if not fileio.exists(labels_file):
     raise FileNotFoundError(f"--labels_file {labels_file!r} does not exist.")
-  with open(labels_file) as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise PredictError(f"--labels_file {labels_file!r} is not valid JSON: {e}") from e
+  try:
+    raw = fileio.read_json(labels_file)
+  except json.JSONDecodeError as e:
+    raise PredictError(f"--labels_file {labels_file!r} is not valid JSON: {e}") from e
   if isinstance(raw, list):
     return raw
   if isinstance(raw, dict) and raw:
@@ -79,13 +78,12 @@ def read_labels(labels_csv: Sequence[str] | None, labels_file: str | None
 def read_templates(path: str | None) -> list[str] | dict[str, list[str]] | None:
   if path is None:
     return None
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f"--templates {path!r} does not exist.")
-  with open(path) as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise PredictError(f"--templates {path!r} is not valid JSON: {e}") from e
+  try:
+    raw = fileio.read_json(path)
+  except json.JSONDecodeError as e:
+    raise PredictError(f"--templates {path!r} is not valid JSON: {e}") from e
   if not isinstance(raw, (list, dict)) or not raw:
     raise PredictError(f"--templates {path!r} must be a JSON list of templates with a '{{c}}' "
                        'slot, or {"language": [templates], ...}.')
@@ -137,8 +135,8 @@ def main(argv: list[str]) -> None:
                        f"{'/'.join(datasets.IMAGE_EXTENSIONS)} files).")
   texts = list(FLAGS.texts or [])
   if FLAGS.texts_file:
-    with open(FLAGS.texts_file) as f:
-      texts += [line.strip() for line in f if line.strip()]
+    texts += [line.strip() for line in fileio.read_text(FLAGS.texts_file).splitlines()
+              if line.strip()]
   classnames = None if texts and not (FLAGS.labels or FLAGS.labels_file) else read_labels(
       FLAGS.labels, FLAGS.labels_file)
   if texts and classnames is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from absl import logging
 
+from big_clip import fileio
 from big_clip import workdir as workdir_lib
 
 REPORT_FILE = "report.html"
@@ -30,10 +31,9 @@ _AGGREGATES = ("mean",)  # drawn thicker: the average over languages
 
 
 def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]
 
 
 def eval_scalar_keys(history: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -164,11 +164,10 @@ def _figure_html(title: str, keys: Sequence[str], png: bytes) -> str:
 
 
 def _summary(workdir: str, rows: Sequence[Mapping[str, Any]]) -> str:
-  items = [("workdir", os.path.abspath(workdir))]
+  items = [("workdir", fileio.absolute(workdir))]
   path = workdir_lib.config_path(workdir)
-  if os.path.exists(path):
-    with open(path) as f:
-      cfg = json.load(f)
+  if fileio.exists(path):
+    cfg = fileio.read_json(path)
     model = cfg.get("model", {})
     items += [("loss", cfg.get("loss", {}).get("name")),
               ("data", cfg.get("data", {}).get("source")),
@@ -195,14 +194,14 @@ def build_html(workdir: str) -> str:
 
   matplotlib.use("Agg")  # no display: PNGs only
   path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f"{path} does not exist; give a training workdir (its "
                             f"{workdir_lib.METRICS_FILE} holds the curves).")
   rows = read_jsonl(path)
   history = read_jsonl(os.path.join(workdir, HISTORY_FILE))
   train = training_figures(rows, skip=eval_scalar_keys(history))
   evals = eval_figures(history)
-  title = f"big_clip run: {os.path.basename(os.path.normpath(os.path.abspath(workdir)))}"
+  title = f"big_clip run: {os.path.basename(fileio.absolute(workdir).rstrip('/'))}"
   parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
            f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
            _summary(workdir, rows), "<h2>Training</h2><div class='grid'>",
@@ -227,7 +226,5 @@ def write_report(workdir: str, out: str | None = None) -> str | None:
     return None
   page = build_html(workdir)
   out = out or os.path.join(workdir, REPORT_FILE)
-  with open(out + ".tmp", "w") as f:
-    f.write(page)
-  os.replace(out + ".tmp", out)
+  fileio.write(out, page)
   return out

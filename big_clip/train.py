@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from big_clip import checkpoints, cli, reporting, sharding
+from big_clip import checkpoints, cli, fileio, reporting, sharding
 from big_clip import config as config_lib
 from big_clip import workdir as workdir_lib
 from big_clip.convert import pretrained
@@ -46,7 +46,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   multihost = str(config.mesh.multihost).lower()
   sharding.maybe_initialize_distributed("auto" if multihost == "auto" else multihost == "true")
   workdir = workdir_lib.absolute(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   if jax.process_index() == 0:
     workdir_lib.write_config(config, workdir)
   logging.info("big_clip.train: workdir %s, %d devices (%s), %d processes", workdir,

@@ -19,19 +19,15 @@ import jax
 import ml_collections
 from clu import metric_writers
 
+from big_clip import fileio
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TOKENIZER = os.path.join("tokenizer", "spm.model")
 
 
-def is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def absolute(path: str) -> str:
-  """Local paths made absolute (orbax needs it); gs:// and other URLs as they are."""
-  return path if is_remote(path) else os.path.abspath(path)
+is_remote, absolute = fileio.is_remote, fileio.absolute
 
 
 def config_path(workdir: str) -> str:
@@ -48,8 +44,7 @@ def tokenizer_path(workdir: str) -> str:
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(config_path(workdir), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  fileio.write(config_path(workdir), config.to_json_best_effort(indent=2))
 
 
 def run_name(config_file: str | None) -> str:
@@ -88,20 +83,17 @@ class MetricsLog:
   def _drop_after(self, step: int) -> None:
     # Steps after the restored checkpoint were lost with the killed run and are recomputed
     # (identically); keep the file a clean curve with one line per step.
-    if not os.path.exists(self.path):
+    if not fileio.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(lines)
-    os.replace(tmp, self.path)
+    lines = [l for l in fileio.read_text(self.path).splitlines(keepends=True)
+             if l.strip() and json.loads(l)["step"] <= step]
+    fileio.write(self.path, "".join(lines))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if self.is_main:
       self.writer.write_scalars(step, dict(scalars))
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+      fileio.append(self.path, json.dumps(
+          {"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
   def close(self) -> None:
     if self.writer is not None:

@@ -19,8 +19,8 @@ BINARIES = {"big_clip.train", "big_clip.evaluate", "big_clip.export", "big_clip.
             "big_clip.report", "big_clip.plan"}
 # Lower layers first; a module may import its own layer and the layers below it.
 LAYERS = (
-    ("base", ("big_clip.errors", "big_clip.config", "big_clip.workdir", "big_clip.sharding",
-              "big_clip.optim", "big_clip.checkpoints", "big_clip.cli")),
+    ("base", ("big_clip.errors", "big_clip.fileio", "big_clip.config", "big_clip.workdir",
+              "big_clip.sharding", "big_clip.optim", "big_clip.checkpoints", "big_clip.cli")),
     ("models", ("big_clip.models",)),
     ("losses", ("big_clip.losses",)),
     ("data", ("big_clip.data",)),
@@ -78,6 +78,41 @@ def imports(mods: dict[str, str]) -> tuple[set[tuple[str, str]], list[str]]:
           if id(node) not in top:
             lazy.append(f"{name}:{node.lineno} -> {target}")
   return edges, lazy
+
+
+# Local-only file calls: on 'gs://bucket/run' they read nothing or write into a local folder
+# named 'gs:'. User paths go through big_clip.fileio; these modules keep local files on
+# purpose (memory-mapped LLM weights and embedding caches, a temporary folder, package data).
+LOCAL_FILE_CALLS = {"open", "os.makedirs", "os.replace", "os.rename", "os.remove",
+                    "os.listdir", "os.walk", "os.path.exists", "os.path.isdir",
+                    "os.path.isfile", "os.path.getsize", "os.path.abspath", "shutil.copy",
+                    "shutil.rmtree", "np.load", "np.save"}
+LOCAL_FILES_ON_PURPOSE = {
+    "big_clip.fileio": "the layer itself",
+    "big_clip.models.llm": "safetensors are memory-mapped from a local folder",
+    "big_clip.data.text_cache": "the embedding cache is memory-mapped from a local folder",
+    "big_clip.data.tokenizers": "sentencepiece trains into a local temporary folder",
+    "big_clip.evals.labels": "the label files shipped inside the package",
+    "big_clip.api": "a local image path (a remote one goes through data.manifest)",
+}
+
+
+def local_file_calls(path: str) -> list[str]:
+  """'line: name' of every call of LOCAL_FILE_CALLS in the file at `path`."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Call):
+      name, func = [], node.func
+      while isinstance(func, ast.Attribute):
+        name.insert(0, func.attr)
+        func = func.value
+      if isinstance(func, ast.Name):
+        dotted = ".".join([func.id] + name)
+        if dotted in LOCAL_FILE_CALLS:
+          out.append(f"{node.lineno}: {dotted}")
+  return out
 
 
 def layer(module: str) -> int:
@@ -165,6 +200,20 @@ def test_every_module_belongs_to_a_layer(graph):
   mods, _, _ = graph
   for m in mods:
     layer(m)
+
+
+def test_user_paths_go_through_fileio_so_gcs_workdirs_never_land_in_a_local_gs_folder():
+  found = {name: calls for name, path in modules().items()
+           if name not in LOCAL_FILES_ON_PURPOSE and (calls := local_file_calls(path))}
+  assert not found, ("use big_clip.fileio (tf.io.gfile) for user paths, or add the module to "
+                     f"LOCAL_FILES_ON_PURPOSE with the reason: {found}")
+
+
+def test_the_local_file_call_finder_sees_builtin_and_os_calls(tmp_path):
+  path = tmp_path / "m.py"
+  path.write_text("import os\nos.makedirs(d)\nwith open(p) as f: pass\nImage.open(x)\n"
+                  "os.path.join(a, b)\n")
+  assert local_file_calls(str(path)) == ["2: os.makedirs", "3: open"]
 
 
 @pytest.mark.parametrize("edge", [  # the back-edges this layout removed: each must still fail

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from big_clip import config as config_lib  # noqa: E402
+from big_clip import fileio  # noqa: E402
 from big_clip import sharding  # noqa: E402
 from big_clip.data import embedded, text_cache  # noqa: E402
 
@@ -55,8 +56,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--source={FLAGS.source!r}: only 'embedded' is built in; write "
                          "other captions to a file and pass --captions.")
   if FLAGS.captions:
-    with open(FLAGS.captions, encoding="utf-8") as f:
-      captions = [line.rstrip("\n") for line in f if line.strip()]
+    captions = [line for line in fileio.read_text(FLAGS.captions).splitlines() if line.strip()]
   else:
     captions = embedded.every_text(FLAGS.languages)
   c = config_lib.base()

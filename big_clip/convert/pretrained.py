@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
-from safetensors.numpy import load_file, save_file
+import safetensors.numpy
 
-from big_clip import checkpoints
+from big_clip import checkpoints, fileio
 from big_clip import config as config_lib
 from big_clip import workdir as workdir_lib
 from big_clip.convert import hf, open_clip
@@ -54,16 +53,15 @@ def config_for_model(model: Mapping[str, Any], base: ml_collections.ConfigDict |
 # Import.
 # ---------------------------------------------------------------------------------------------
 def _read_json(path: str) -> dict[str, Any]:
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f"{path} not found.")
-  with open(path) as f:
-    return json.load(f)
+  return fileio.read_json(path)
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f"{path} not found; big_clip imports single-file safetensors.")
-  return load_file(path)
+  return safetensors.numpy.load(fileio.read_bytes(path))
 
 
 def from_hf(path: str, config: ml_collections.ConfigDict | None = None
@@ -114,8 +112,9 @@ def load_init(init_from: str, config: ml_collections.ConfigDict,
 # Export.
 # ---------------------------------------------------------------------------------------------
 def _save_safetensors(state: Mapping[str, np.ndarray], path: str, fmt: str) -> None:
-  save_file({k: np.array(v, np.float32, order="C") for k, v in state.items()}, path,
-            metadata={"format": "pt", "producer": f"big_clip.export ({fmt})"})
+  fileio.write(path, safetensors.numpy.save(
+      {k: np.array(v, np.float32, order="C") for k, v in state.items()},
+      metadata={"format": "pt", "producer": f"big_clip.export ({fmt})"}))
 
 
 def _write_tokenizer(config: ml_collections.ConfigDict, tokenizer_path: str | None,
@@ -123,8 +122,8 @@ def _write_tokenizer(config: ml_collections.ConfigDict, tokenizer_path: str | No
   """Copies the sentencepiece model and writes how to encode text exactly as in training."""
   lines = ["# Inputs as big_clip trained this model", ""]
   t = config.model.text
-  if tokenizer_path and os.path.exists(tokenizer_path):
-    shutil.copy(tokenizer_path, os.path.join(out, "spm.model"))
+  if tokenizer_path and fileio.exists(tokenizer_path):
+    fileio.copy(tokenizer_path, os.path.join(out, "spm.model"))
     lines += [
         "`spm.model` is the sentencepiece model of the run. Encode a caption as",
         "", "```python", "import sentencepiece as spm",
@@ -138,8 +137,7 @@ def _write_tokenizer(config: ml_collections.ConfigDict, tokenizer_path: str | No
             f"Images: {config.data.image_size}x{config.data.image_size} RGB in [0, 1], then "
             f"(x - mean) / std with mean={list(config.data.mean)}, std={list(config.data.std)},",
             "as `pixel_values` [B, 3, H, W] (transformers) or the image batch (open_clip).", ""]
-  with open(os.path.join(out, TOKENIZER_NOTE), "w") as f:
-    f.write("\n".join(lines))
+  fileio.write(os.path.join(out, TOKENIZER_NOTE), "\n".join(lines))
 
 
 def to_hf(params: Mapping[str, Any], config: ml_collections.ConfigDict, out: str, *,
@@ -148,10 +146,9 @@ def to_hf(params: Mapping[str, Any], config: ml_collections.ConfigDict, out: str
   for sigmoid models) and the tokenizer; returns the class name."""
   kind = hf.kind_for_loss(config.loss.name)
   state = hf.export_state(adapt.flat_params(params), config.model, kind)
-  os.makedirs(out, exist_ok=True)
   scale = float(np.reshape(state["logit_scale"], ()))
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf.hf_config(config.model, kind, scale), f, indent=2)
+  fileio.write(os.path.join(out, "config.json"),
+               json.dumps(hf.hf_config(config.model, kind, scale), indent=2))
   _save_safetensors(state, os.path.join(out, HF_WEIGHTS), "hf")
   _write_tokenizer(config, tokenizer_path, out)
   return hf.ARCHITECTURES[kind]
@@ -163,11 +160,10 @@ def to_open_clip(params: Mapping[str, Any], config: ml_collections.ConfigDict, o
   `open_clip.create_model('local-dir:OUT')`) and the tokenizer; returns the model config."""
   state, model_cfg = open_clip.export_state(adapt.flat_params(params), config.model,
                                             config.loss.name)
-  os.makedirs(out, exist_ok=True)
   preprocess = dict(size=int(config.data.image_size), mean=list(config.data.mean),
                     std=list(config.data.std))
-  with open(os.path.join(out, open_clip.CONFIG_FILE), "w") as f:
-    json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, f, indent=2)
+  fileio.write(os.path.join(out, open_clip.CONFIG_FILE),
+               json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
   _save_safetensors(state, os.path.join(out, open_clip.WEIGHTS_FILE), "open_clip")
   _write_tokenizer(config, tokenizer_path, out)
   return model_cfg
@@ -180,7 +176,6 @@ def tokenizer_of(config: ml_collections.ConfigDict, workdir: str) -> str:
 def write_import(config: ml_collections.ConfigDict, params: Mapping[str, Any], out: str,
                  source: str) -> None:
   """An orbax checkpoint (step 0, parameters only) + config.json in workdir `out`."""
-  os.makedirs(out, exist_ok=True)
   workdir_lib.write_config(config, out)
   mngr = checkpoints.manager(workdir_lib.checkpoints_dir(out), keep=1, use_async=False)
   checkpoints.save(mngr, 0, {"params": params}, {"imported_from": source})

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from big_clip import fileio
 from big_clip.errors import UserError
 
 
@@ -55,7 +56,7 @@ class Manifest:
 
 
 def _join(folder: str, rel: str) -> str:
-  if rel.startswith("gs://") or os.path.isabs(rel):
+  if fileio.is_remote(rel) or os.path.isabs(rel):
     return rel
   return os.path.join(folder, rel)
 

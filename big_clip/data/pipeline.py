@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from big_clip import config as config_lib
+from big_clip import fileio
 from big_clip import workdir as workdir_lib
 from big_clip.data import embedded, files, text_cache, tokenizers
 from big_clip.data import languages as languages_lib
@@ -268,7 +268,7 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
   the source's captions at first use (one process trains it, the others wait and load it)."""
   if config.model.text.kind == "llm" and config.model.text.llm.path:
     return text_cache.for_llm(config.model, config.data.max_len)
-  trained = os.path.exists(workdir_lib.tokenizer_path(workdir))
+  trained = fileio.exists(workdir_lib.tokenizer_path(workdir))
   corpus = lambda: caption_corpus(config.data, config.seed)
   if jax.process_count() > 1 and not config.data.tokenizer.path and not trained:
     if jax.process_index() == 0:

@@ -24,6 +24,8 @@ from typing import Any, BinaryIO
 
 import tensorflow as tf
 
+from big_clip import fileio
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("json", "txt")
 
@@ -85,11 +87,11 @@ def parse_meta(data: bytes, ext: str, key: str, text_language: str
 
 
 def _open(path: str, mode: str = "rb") -> BinaryIO:
-  return tf.io.gfile.GFile(path, mode) if "://" in path else open(path, mode)
+  return fileio.open_file(path, mode)
 
 
 def _size(path: str) -> int:
-  return tf.io.gfile.stat(path).length if "://" in path else os.path.getsize(path)
+  return fileio.size(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def write_shards(examples: Iterable[RawExample], out_prefix: str, fmt: str,
     raise ValueError(f"per_shard={per_shard} must be >= 1.")
   folder = os.path.dirname(out_prefix)
   if folder:
-    tf.io.gfile.makedirs(folder)
+    fileio.makedirs(folder)
   paths: list[str] = []
   writer = None
   for n, ex in enumerate(examples):
@@ -126,7 +128,9 @@ class _TarWriter:
 
   def __init__(self, path: str):
     self._file = _open(path, "wb")
-    self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+    # Stream mode ("w|") never asks the file for its position, which not every filesystem
+    # tells (TensorFlow's ram://); the bytes are the same as mode "w".
+    self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
 
   def add(self, ex: RawExample) -> None:
     for name, data in ((f"{ex.key}.{ex.image_ext}", ex.image), (f"{ex.key}.json",

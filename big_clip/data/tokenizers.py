@@ -20,6 +20,7 @@ import sentencepiece as spm
 from absl import logging
 from tokenizers import Tokenizer
 
+from big_clip import fileio
 from big_clip import workdir as workdir_lib
 
 # The ids of every sentencepiece model big_clip trains (CLIP text towers pool at EOS and
@@ -37,12 +38,11 @@ def train_spm(texts: Iterable[str], model_path: str, vocab_size: int,
   the corpus (right for our caption corpora; use ~0.9995 for large web text, where byte
   fallback spells the rare characters).
   """
-  model_path = os.path.abspath(model_path)
-  out_dir = os.path.dirname(model_path)
-  os.makedirs(out_dir, exist_ok=True)
-  # Train under a temporary prefix in the same folder, then rename: a reader (or a second
-  # host) never sees a half-written model, and a crash leaves no broken cache behind.
-  tmp_dir = tempfile.mkdtemp(prefix=".spm_tmp_", dir=out_dir)
+  model_path = fileio.absolute(model_path)
+  # Train in a local temporary folder, then write the files whole (fileio.write): a reader
+  # (or a second host) never sees a half-written model, a crash leaves no broken cache
+  # behind, and the model may go to gs://.
+  tmp_dir = tempfile.mkdtemp(prefix="big_clip_spm_")
   prefix = os.path.join(tmp_dir, "spm")
   try:
     spm.SentencePieceTrainer.train(
@@ -53,13 +53,14 @@ def train_spm(texts: Iterable[str], model_path: str, vocab_size: int,
         normalization_rule_name="nmt_nfkc",
         hard_vocab_limit=False,  # vocab_size is a ceiling, see the docstring
         num_threads=min(4, os.cpu_count() or 1), minloglevel=2)
-    os.replace(prefix + ".model", model_path)
-    os.replace(prefix + ".vocab", os.path.splitext(model_path)[0] + ".vocab")
+    for ext in (".vocab", ".model"):  # the model last: its presence means "trained"
+      with open(prefix + ext, "rb") as f:  # our own local temporary file
+        fileio.write(os.path.splitext(model_path)[0] + ext, f.read())
   except RuntimeError as e:
     raise _explain_training_error(e, vocab_size) from e
   finally:
     shutil.rmtree(tmp_dir, ignore_errors=True)
-  pieces = spm.SentencePieceProcessor(model_file=model_path).get_piece_size()
+  pieces = spm.SentencePieceProcessor(model_proto=fileio.read_bytes(model_path)).get_piece_size()
   if pieces < vocab_size:
     logging.warning("The corpus supports only %d sentencepiece pieces; trained %d instead of "
                     "the requested vocab_size=%d (%s).", pieces, pieces, vocab_size, model_path)
@@ -81,7 +82,7 @@ class SpmTokenizer:
   """Encodes texts to int32 [N, max_len]: pieces, then EOS, then padding with 0."""
 
   def __init__(self, model_path: str, max_len: int):
-    if not os.path.exists(model_path):
+    if not fileio.exists(model_path):
       raise FileNotFoundError(
           f"No sentencepiece model at {model_path!r}. Set config.data.tokenizer.path to an "
           "existing .model file, or leave it empty ('') to train one on the captions at "
@@ -90,7 +91,7 @@ class SpmTokenizer:
       raise ValueError(f"max_len={max_len} leaves no room for a token and EOS; "
                        "set config.data.max_len >= 2.")
     self.model_path, self.max_len = model_path, max_len
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self._sp = spm.SentencePieceProcessor(model_proto=fileio.read_bytes(model_path))
     if self._sp.pad_id() != SPM_PAD_ID or self._sp.eos_id() < 0:
       raise ValueError(
           f"{model_path}: pad_id={self._sp.pad_id()}, eos_id={self._sp.eos_id()}; big_clip "
@@ -145,7 +146,7 @@ def get_or_train(tok_cfg: ml_collections.ConfigDict, workdir: str,
     logging.info("Tokenizer: loading %s", tok_cfg.path)
     return load(tok_cfg.path, max_len)
   path = workdir_lib.tokenizer_path(workdir)
-  if os.path.exists(path):
+  if fileio.exists(path):
     tokenizer = SpmTokenizer(path, max_len)
     logging.info("Tokenizer: reusing %s (%d pieces; delete it to retrain).", path,
                  tokenizer.vocab_size)
@@ -176,7 +177,7 @@ class HfTokenizer:
 
   def __init__(self, path: str, max_len: int, *, pad_id: int | None = None,
                eos_id: int | None = None, append_eos: bool = False):
-    if not os.path.exists(path):
+    if not fileio.exists(path):
       raise FileNotFoundError(f"No Hugging Face tokenizer at {path!r}; set "
                               "config.data.tokenizer.path (or the LLM folder of "
                               "config.model.text.llm.path) to a folder/file with tokenizer.json.")
@@ -184,7 +185,7 @@ class HfTokenizer:
       raise ValueError(f"max_len={max_len} is too small; set config.data.max_len >= 2.")
     self.path = self.model_path = path
     self.max_len = max_len
-    self._tok = Tokenizer.from_file(path)
+    self._tok = Tokenizer.from_str(fileio.read_text(path))
     self._tok.no_truncation()
     self._tok.no_padding()
     if pad_id is None:

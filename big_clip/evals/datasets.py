@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import logging
 
+from big_clip import fileio
 from big_clip.data import manifest as manifest_lib
 from big_clip.evals.specs import EvalSpec
 
@@ -86,15 +87,16 @@ def _from_manifest(spec: EvalSpec, image_size: int) -> LabelledSet:
 
 def _from_folder(spec: EvalSpec, image_size: int) -> LabelledSet:
   root = spec.location
-  if not os.path.isdir(root):
+  if not fileio.isdir(root):
     raise FileNotFoundError(f"eval {spec.text!r}: image folder {root!r} does not exist.")
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  classes = sorted(d.rstrip("/") for d in fileio.listdir(root)
+                   if fileio.isdir(os.path.join(root, d)))
   if not classes:
     raise ValueError(f"eval {spec.text!r}: folder {root!r} has no class subfolders "
                      "(expected ROOT/CLASS/IMAGE).")
   paths, labels = [], []
   for label, cls in enumerate(classes):
-    files = sorted(f for f in os.listdir(os.path.join(root, cls))
+    files = sorted(f for f in fileio.listdir(os.path.join(root, cls))
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     paths += [os.path.join(root, cls, f) for f in files]
     labels += [label] * len(files)
@@ -102,7 +104,7 @@ def _from_folder(spec: EvalSpec, image_size: int) -> LabelledSet:
   paths, labels = paths[:n], np.asarray(labels[:n], np.int32)
   images = ImageSet(paths, lambda i: manifest_lib.read_image(paths[i], image_size), image_size)
   names = {"en": [c.replace("_", " ") for c in classes]}  # folder names as English names
-  return LabelledSet(os.path.basename(os.path.normpath(root)), images, labels, len(classes),
+  return LabelledSet(os.path.basename(root.rstrip("/")), images, labels, len(classes),
                      names)
 
 

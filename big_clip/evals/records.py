@@ -9,6 +9,7 @@ import os
 import jax
 from absl import logging
 
+from big_clip import fileio
 from big_clip.evals import metrics as metrics_lib
 
 ZEROSHOT, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
@@ -45,14 +46,10 @@ def write_records(records: list[dict], out_dir: str, *, step: int | None = None,
     return
   if step is not None:
     records = [{**r, "step": step} for r in records]
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, filename)
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-  os.replace(path + ".tmp", path)
+  lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+  fileio.write(os.path.join(out_dir, filename), lines)
   if history and step is not None:
-    with open(os.path.join(out_dir, "history.jsonl"), "a") as f:
-      f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    fileio.append(os.path.join(out_dir, "history.jsonl"), lines)
 
 
 def records_to_scalars(records: list[dict]) -> dict[str, float]:

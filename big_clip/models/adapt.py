@@ -11,7 +11,6 @@ on the tensors they converted.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from big_clip import checkpoints, sharding
+from big_clip import checkpoints, fileio, sharding
 from big_clip import config as config_lib
 from big_clip import workdir as workdir_lib
 from big_clip.models import layers, text, two_tower
@@ -180,15 +179,14 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 def check_same_tokenizer(workdir: str, tokenizer_path: str) -> None:
   """The embeddings are tied to token ids: refuse a run whose tokenizer differs."""
   source = workdir_lib.tokenizer_path(workdir)
-  if workdir_lib.is_remote(source) or not os.path.exists(source):
-    logging.warning("%s has no local tokenizer/spm.model; make sure "
+  if not fileio.exists(source):
+    logging.warning("%s has no tokenizer/spm.model; make sure "
                     "config.data.tokenizer.path is the tokenizer that run used.", workdir)
     return
-  with open(source, "rb") as a, open(tokenizer_path, "rb") as b:
-    if a.read() != b.read():
-      raise ValueError(f"The run {workdir} used the tokenizer {source}, but this run uses "
-                       f"{tokenizer_path}; token ids would not match its embeddings. "
-                       f"Set config.data.tokenizer.path={source!r}.")
+  if fileio.read_bytes(source) != fileio.read_bytes(tokenizer_path):
+    raise ValueError(f"The run {workdir} used the tokenizer {source}, but this run uses "
+                     f"{tokenizer_path}; token ids would not match its embeddings. "
+                     f"Set config.data.tokenizer.path={source!r}.")
 
 
 def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
