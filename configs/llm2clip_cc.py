@@ -4,9 +4,10 @@ Huang et al. 2024 (LLM2CLIP) §3.2: a raw LLM's pooled features barely tell capt
 before it becomes CLIP's text tower the LLM (Llama-3-8B, LoRA, bidirectional attention as in
 LLM2Vec) is fine-tuned with a contrastive loss between two captions of one image (or a
 caption and its translation: multilingual CC), all other captions of the global batch being
-negatives, on mean-pooled last hidden states; optionally with LLM2Vec's masked next-token
-prediction (`loss.mntp_weight`; LLM2CLIP runs MNTP before/with CC). The weights and mask
-rate here are chosen, not copied from the papers. Loss: big_clip/losses/caption_contrast.py.
+negatives, on mean-pooled last hidden states; optionally + LLM2Vec's masked next-token
+prediction (`loss.mntp_weight`, a weighted second term in the same step). The MNTP weight,
+mask rate, LoRA sizes and learning rate here are chosen, not copied from the papers (not
+checked against LLM2CLIP's released settings). Loss: big_clip/losses/caption_contrast.py.
 
 The stages, on a pod:
 

@@ -177,6 +177,7 @@ def _cc_batch(folder):
   return {"image": images, "text": text, "text_pair": pair}
 
 
+@pytest.mark.slow  # compiles a decoder step on 8 devices and its one-device gradient
 def test_cc_train_step_on_8_devices_matches_numpy_and_one_device_gradients(llama_lm, cc_config):
   """The step's loss at init = float64 InfoNCE of the tower's pooled features + 0.5 x MNTP of
   its logits on the masked text (masked as the step masks); its gradient norm (clip_norm 0:

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -180,6 +181,9 @@ def compute_features(model_cfg: Any, captions: Sequence[str], max_len: int, mesh
   """float32 [N, hidden]: pooled features of the frozen LLM of `model_cfg.text.llm.path`,
   its weights sharded over `mesh` by the logical rules, captions over the batch axes."""
   tokenizer = llm_tokenizer(model_cfg, max_len)
+  if model_cfg.text.llm.cache_dir:  # a training config: run its LLM, not the cache
+    model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    model_cfg.text.llm.cache_dir = ""
   make = lambda: llm.LlmTextTower(model_cfg, rngs=nnx.Rngs(params=0))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))
