@@ -36,8 +36,9 @@ FLAGS = flags.FLAGS
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
 
-def write_tokenizer(path: str, vocab_size: int) -> None:
-  """A BPE tokenizer.json over the embedded captions, Llama-like (BOS prepended)."""
+def write_tokenizer(path: str, vocab_size: int) -> int:
+  """A BPE tokenizer.json over the embedded captions, Llama-like (BOS prepended); returns its
+  size (more than `vocab_size` when the captions' alphabet alone is larger)."""
   from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
   tok = Tokenizer(models.BPE(unk_token="[UNK]"))
@@ -47,18 +48,19 @@ def write_tokenizer(path: str, vocab_size: int) -> None:
   tok.post_processor = processors.TemplateProcessing(single="[BOS] $A",
                                                      special_tokens=[("[BOS]", 2)])
   tok.save(path)
+  return tok.get_vocab_size()
 
 
 def write_tiny_llm(out: str, vocab_size: int = 1024, width: int = 64, depth: int = 2,
                    heads: int = 4, seed: int = 0) -> str:
   """Writes the folder `out`; returns it."""
+  os.makedirs(out, exist_ok=True)
+  vocab_size = max(vocab_size, write_tokenizer(os.path.join(out, "tokenizer.json"), vocab_size))
   c = config_lib.base()
   c.model.text.update(kind="llm", vocab_size=vocab_size, width=width, depth=depth, heads=heads,
                       mlp_dim=2 * width, eos_id=SPECIALS.index("[EOS]"))
   c.model.text.llm.update(kv_heads=max(heads // 2, 1), freeze=False)
   tower = llm.LlmTextTower(c.model, rngs=nnx.Rngs(params=seed))
-  os.makedirs(out, exist_ok=True)
-  write_tokenizer(os.path.join(out, "tokenizer.json"), vocab_size)
   tensors = llm.to_hf_tensors(nnx.to_pure_dict(nnx.state(tower.decoder)))
   save_file(tensors, os.path.join(out, llm.SINGLE_FILE), metadata={"format": "pt"})
   with open(os.path.join(out, llm.CONFIG_FILE), "w") as f:
