@@ -48,6 +48,7 @@ CHOICES = {
     "model.text.kind": ("clip", "llm"),
     "model.text.llm.pooling": ("mean", "last", "eos"),
     "model.text.llm.dtype": ("float32", "bfloat16"),
+    "model.text.llm.attention": ("causal", "bidirectional"),
     "optim.schedule": ("warmup_cosine", "warmup_constant"),
     "nan_policy": ("stop", "skip"),
     "mesh.multihost": ("auto", "true", "false"),
@@ -102,6 +103,10 @@ def base() -> ml_collections.ConfigDict:
                     cache_dir="",  # read pooled features from tools/cache_text_embeddings.py
                     kv_heads=0,  # random-init decoder only: 0 = heads (no GQA)
                     rope_theta=10000.0,  # random-init decoder only
+                    # 'bidirectional': no causal mask (LLM2Vec), as LLM2CLIP's CC stage
+                    # trains the LLM and every later stage must then run it
+                    attention="causal",
+                    lm_head=False,  # load the LM head (HF lm_head.weight) for loss.mntp_weight
                 )),
   )
   c.loss = dict(
@@ -126,6 +131,16 @@ def base() -> ml_collections.ConfigDict:
       # caption and another caption of its image in data.pair_language (translation ranking,
       # as LaBSE / Multilingual-CLIP): ties every language to the pivot's text embedding.
       text_pair_weight=0.0,
+      # LLM2CLIP's caption-contrastive (CC) stage (Huang et al. 2024 §3.2; losses/
+      # caption_contrast.py): text only, the loss is config.loss.name's softmax between the
+      # pooled LLM features of each caption ('text') and another caption of its image
+      # ('text_pair', data.pair_language); the image tower and the adapter are not used.
+      caption_contrast=False,
+      # + mntp_weight * masked next-token prediction (LLM2Vec §2.2): mntp_mask_prob of the
+      # caption tokens become mntp_mask_id, each predicted from the previous position.
+      mntp_weight=0.0,
+      mntp_mask_prob=0.2,
+      mntp_mask_id=0,
   )
   # Architecture switches for exact CLIP / SigLIP layouts (big_clip/export.py maps them to
   # Hugging Face and open_clip); the defaults are OpenAI CLIP's.
@@ -355,10 +370,13 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        "config.loss.text_pair_weight (use optim.grad_accum_steps for memory there).")
   need(c.loss.text_pair_weight >= 0, f"config.loss.text_pair_weight="
        f"{c.loss.text_pair_weight} must be >= 0 (0 = off).")
-  need((c.loss.text_pair_weight > 0) == bool(c.data.pair_language),
-       f"config.loss.text_pair_weight={c.loss.text_pair_weight} and config.data.pair_language="
-       f"{c.data.pair_language!r} go together: the paired caption is read only by that loss "
-       "term; set both (e.g. text_pair_weight=1.0, pair_language='en') or neither.")
+  pairs_read = c.loss.text_pair_weight > 0 or c.loss.caption_contrast
+  need(pairs_read == bool(c.data.pair_language),
+       f"config.loss.text_pair_weight={c.loss.text_pair_weight} (or config.loss."
+       f"caption_contrast={c.loss.caption_contrast}) and config.data.pair_language="
+       f"{c.data.pair_language!r} go together: the paired caption is read only by those loss "
+       "terms; set both (e.g. text_pair_weight=1.0, pair_language='en') or neither.")
+  _validate_caption_contrast(c)
   need(c.loss.text_pair_weight == 0 or not c.model.text.llm.cache_dir,
        "config.loss.text_pair_weight needs the text tower to embed the paired captions, but "
        f"config.model.text.llm.cache_dir={c.model.text.llm.cache_dir!r} feeds cached features "
@@ -383,6 +401,32 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"config.data.source={c.data.source!r} names no location, e.g. 'shards:/data/*.tar'.")
   _validate_long_captions(c)
   validate_llm(c.model.text.llm)
+
+
+def _validate_caption_contrast(c: ml_collections.ConfigDict) -> None:
+  """config.loss.caption_contrast / mntp_*: LLM2CLIP's text-only CC stage."""
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(msg)
+
+  need(c.loss.mntp_weight >= 0, f"config.loss.mntp_weight={c.loss.mntp_weight} must be >= 0.")
+  need(0 < c.loss.mntp_mask_prob < 1, f"config.loss.mntp_mask_prob={c.loss.mntp_mask_prob} "
+       "must be in (0, 1).")
+  need(c.loss.mntp_weight == 0 or c.loss.caption_contrast, "config.loss.mntp_weight > 0 needs "
+       "config.loss.caption_contrast=True (MNTP trains the LLM in the CC stage).")
+  need(c.loss.mntp_weight == 0 or c.model.text.llm.lm_head, "config.loss.mntp_weight > 0 "
+       "predicts tokens: set config.model.text.llm.lm_head=True.")
+  if not c.loss.caption_contrast:
+    return
+  need(c.model.text.kind == "llm" and not c.model.text.llm.cache_dir,
+       "config.loss.caption_contrast trains the LLM text tower: set config.model.text.kind="
+       "'llm' and clear config.model.text.llm.cache_dir.")
+  need(not (c.loss.long_clip.enabled or c.loss.distill.enabled or c.loss.text_pair_weight > 0
+            or c.loss.accum_steps > 1),
+       "config.loss.caption_contrast is a text-only stage; turn off config.loss.long_clip, "
+       "config.loss.distill, config.loss.text_pair_weight and config.loss.accum_steps.")
+  need(c.loss.name == "softmax", f"config.loss.caption_contrast uses the softmax "
+       f"loss (InfoNCE, as LLM2Vec / LLM2CLIP); config.loss.name={c.loss.name!r}.")
 
 
 def _validate_long_captions(c: ml_collections.ConfigDict) -> None:

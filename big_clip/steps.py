@@ -24,7 +24,7 @@ from flax import nnx
 
 from big_clip import checkpoints, losses, optim, sharding
 from big_clip.errors import UserError
-from big_clip.losses import auxiliary, grad_cache
+from big_clip.losses import auxiliary, caption_contrast, grad_cache
 from big_clip.models import llm, two_tower, vit
 
 State = dict[str, Any]  # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'}
@@ -53,8 +53,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   split = ((lambda p: optim.partition(p, trainable)) if trainable is not None
            else (lambda p: (p, {})))
 
+  cc, mntp_weight = config.loss.caption_contrast, float(config.loss.mntp_weight)
+  pad_id = llm.TowerOptions.from_config(config.model).pad_id if mntp_weight > 0 else None
+
   def compute_loss(params, frozen, batch):
     model = nnx.merge(graphdef, optim.combine(params, frozen))
+    if cc:  # LLM2CLIP's text-only CC stage: no image tower, no adapter
+      scale, bias = model.scale_and_bias()
+      loss, parts = caption_contrast.loss(model.text, batch, scale, mesh=mesh,
+                                          mntp_weight=mntp_weight)
+      return loss, (scale, bias, parts)
     img_emb, txt_emb = model(batch["image"], batch["text"], batch.get("patch_noise"))
     scale, bias = model.scale_and_bias()
     loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
@@ -93,6 +101,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if mask_patches and config.model.image.patch_dropout > 0:  # per example: any mesh or
       batch = {**batch, "patch_noise": vit.patch_noise(  # micro-batching draws the same
           config, state["step"], batch["image"].shape[0])}  # mask; resumes exactly
+    if mntp_weight > 0:  # masked per step from (seed, step): resumes and meshes agree
+      batch = {**batch, **caption_contrast.mntp_inputs(config, state["step"], batch["text"],
+                                                       pad_id)}
     params, frozen = split(state["params"])
     (loss, (scale, bias, parts)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)

@@ -12,7 +12,9 @@ to run the frozen LLM live (needed for LoRA: lora_rank > 0).
   python -m big_clip.train --config configs/llm2clip.py --workdir gs://$BUCKET/llm2clip
 
 `--config configs/llm2clip.py:local` trains a tiny random-init LLM (frozen, LoRA rank 4) with
-the adapter on the embedded data on a CPU.
+the adapter on the embedded data on a CPU. `:local_cc` is stage 2 after the CC stage
+(configs/llm2clip_cc.py:local, whose docstring lists the commands): the adapter on the
+embedding cache of the CC-tuned tiny LLM exported by tools/export_llm.py.
 
 Memory plan, Llama-3-8B (hidden 4096, 32 layers, GQA 32/8 heads, MLP 14336, vocab 128256;
 numbers checked by tests/test_llm.py::test_memory_plan_of_the_8b_recipe):
@@ -38,7 +40,7 @@ numbers checked by tests/test_llm.py::test_memory_plan_of_the_8b_recipe):
 from big_clip import config as config_lib
 
 
-ARGS = ("local",)  # what get_config(arg) takes besides None
+ARGS = ("local", "local_cc")  # what get_config(arg) takes besides None
 
 
 def get_config(arg: str | None = None):
@@ -67,7 +69,7 @@ def get_config(arg: str | None = None):
   c.checkpoint.update(every_steps=2000, keep=3, use_async=True)
   c.eval.update(every_steps=5000)
 
-  if arg == "local":
+  if arg in ("local", "local_cc"):
     config_lib.shrink_for_local(c)
     # A tiny random-init decoder instead of the 8B folder, with the SPM tokenizer trained on
     # the embedded captions; frozen with LoRA, so every trainable kind of weight is exercised.
@@ -77,6 +79,10 @@ def get_config(arg: str | None = None):
     c.model.text.llm.update(path="", cache_dir="", dtype="float32", adapter_hidden=64,
                             lora_rank=4, lora_targets=("q_proj", "v_proj", "up_proj"),
                             kv_heads=2)
-  elif arg:
+  if arg == "local_cc":  # the folders that the commands of configs/llm2clip_cc.py write
+    c.model.text.llm.update(path="/tmp/llm2clip_cc_llm", cache_dir="/tmp/llm2clip_cc_cache",
+                            attention="bidirectional", lora_rank=0)
+    c.data.languages = {"en": 1.0, "de": 1.0, "fr": 1.0}
+  elif arg and arg != "local":
     raise ValueError(f"configs/llm2clip.py: unknown argument {arg!r}; allowed: {', '.join(ARGS)}.")
   return c

@@ -8,7 +8,8 @@ r"""Precompute a frozen LLM's pooled caption features once (LLM2CLIP): training 
       --out /data/cache/qwen --mesh_fsdp 1 --mesh_tensor 8
 
 `--captions` is a text file with one caption per line. The cache is keyed by the LLM
-(config.json + weight files), tokenizer.json, pooling and max_len; training refuses a cache
+(config.json + weight files, and the weights' sha256 of an LLM exported from a CC run),
+attention, tokenizer.json, pooling and max_len; training refuses a cache
 whose key does not match its config. Weights are sharded over the mesh (fsdp x tensor) like
 in training, captions over the data axes.
 """
@@ -40,6 +41,9 @@ flags.DEFINE_string("source", None, "'embedded': every caption of the embedded d
 flags.DEFINE_list("languages", ["en"], "Languages of --source embedded.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the LLM "
                   "(must match config.model.text.llm.dtype; bfloat16 for an 8B LLM).")
+flags.DEFINE_enum("attention", "causal", ["causal", "bidirectional"], "Attention of the LLM "
+                  "(must match config.model.text.llm.attention; 'bidirectional' for an LLM "
+                  "exported from a CC run, tools/export_llm.py).")
 flags.DEFINE_integer("batch_size", 256, "Captions per forward pass (global).")
 flags.DEFINE_integer("mesh_fsdp", 1, "Mesh fsdp size (weights sharded); data takes the rest.")
 flags.DEFINE_integer("mesh_tensor", 1, "Mesh tensor size.")
@@ -61,7 +65,8 @@ def main(argv: list[str]) -> None:
     captions = embedded.every_text(FLAGS.languages)
   c = config_lib.base()
   c.model.text.update(kind="llm", max_len=FLAGS.max_len)
-  c.model.text.llm.update(path=FLAGS.llm, pooling=FLAGS.pooling, dtype=FLAGS.dtype)
+  c.model.text.llm.update(path=FLAGS.llm, pooling=FLAGS.pooling, dtype=FLAGS.dtype,
+                          attention=FLAGS.attention)
   mesh = sharding.make_mesh({"data": -1, "fsdp": FLAGS.mesh_fsdp, "tensor": FLAGS.mesh_tensor})
   t0 = time.perf_counter()
   index = text_cache.build(c.model, captions, FLAGS.max_len, FLAGS.out, mesh,

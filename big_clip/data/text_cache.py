@@ -10,8 +10,10 @@ folder:
   captions-00000.json     the captions of that shard, in order
 
 `key` says what produced the features: the model (hash of config.json + the weight files'
-names and sizes), the tokenizer (hash of tokenizer.json), the pooling, max_len and the
-compute dtype. A cache whose key differs from the run's is refused, naming what changed,
+names and sizes), the weights' identity (the sha256 of the weights that big_clip recorded in
+config.json when it exported a CC-tuned, LoRA-merged LLM, convert/llm_export.py; else the
+files' names and sizes), the attention (causal / bidirectional), the tokenizer (hash of
+tokenizer.json), the pooling, max_len and the compute dtype. A cache whose key differs from the run's is refused, naming what changed,
 instead of silently feeding features of another model.
 """
 
@@ -24,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -49,18 +52,22 @@ def _sha256(chunks: Iterable[bytes]) -> str:
   return h.hexdigest()
 
 
-def cache_key(llm_path: str, pooling: str, max_len: int, dtype: str) -> dict[str, Any]:
+def cache_key(llm_path: str, pooling: str, max_len: int, dtype: str,
+              attention: str = "causal") -> dict[str, Any]:
   """What the cached features depend on. Weight files are identified by name and size, not
-  content (hashing 16 GB per run would take minutes); a re-saved model changes config.json."""
+  content (hashing 16 GB per run would take minutes), unless big_clip exported them with the
+  sha256 of their content (a CC-tuned LLM: same names and sizes as its base)."""
   files = sorted(set(llm.weight_files(llm_path).values()))
   with open(os.path.join(llm_path, llm.CONFIG_FILE), "rb") as f:
     config_bytes = f.read()
-  model = _sha256([config_bytes] + [f"{os.path.basename(p)}:{os.path.getsize(p)}".encode()
-                                    for p in files])
+  sizes = [f"{os.path.basename(p)}:{os.path.getsize(p)}".encode() for p in files]
+  model = _sha256([config_bytes] + sizes)
+  exported = json.loads(config_bytes).get(llm.BIG_CLIP_SECTION, {}).get("weights_sha256")
+  weights = f"sha256:{exported}" if exported else f"sizes:{_sha256(sizes)}"
   with open(os.path.join(llm_path, "tokenizer.json"), "rb") as f:
     tokenizer = _sha256([f.read()])
-  return {"model": model, "tokenizer": tokenizer, "pooling": pooling, "max_len": int(max_len),
-          "dtype": dtype}
+  return {"model": model, "weights": weights, "attention": attention, "tokenizer": tokenizer,
+          "pooling": pooling, "max_len": int(max_len), "dtype": dtype}
 
 
 def write(cache_dir: str, captions: Sequence[str], features: np.ndarray, key: Mapping[str, Any],
@@ -110,8 +117,8 @@ def for_llm(model_cfg: Any, max_len: int) -> tokenizers.HfTokenizer | CachedFeat
   llm_cfg = model_cfg.text.llm
   tokenizer = llm_tokenizer(model_cfg, max_len)
   if llm_cfg.cache_dir:
-    return CachedFeatures(llm_cfg.cache_dir,
-                          cache_key(llm_cfg.path, llm_cfg.pooling, max_len, llm_cfg.dtype))
+    return CachedFeatures(llm_cfg.cache_dir, cache_key(llm_cfg.path, llm_cfg.pooling, max_len,
+                                                       llm_cfg.dtype, llm_cfg.attention))
   return tokenizer
 
 
@@ -174,6 +181,9 @@ def compute_features(model_cfg: Any, captions: Sequence[str], max_len: int, mesh
   """float32 [N, hidden]: pooled features of the frozen LLM of `model_cfg.text.llm.path`,
   its weights sharded over `mesh` by the logical rules, captions over the batch axes."""
   tokenizer = llm_tokenizer(model_cfg, max_len)
+  if model_cfg.text.llm.cache_dir:  # a training config: run its LLM, not the cache
+    model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    model_cfg.text.llm.cache_dir = ""
   make = lambda: llm.LlmTextTower(model_cfg, rngs=nnx.Rngs(params=0))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))
@@ -191,5 +201,5 @@ def build(model_cfg: Any, captions: Sequence[str], max_len: int, cache_dir: str,
   captions = list(dict.fromkeys(captions))
   features = compute_features(model_cfg, captions, max_len, mesh, batch_size)
   llm_cfg = model_cfg.text.llm
-  key = cache_key(llm_cfg.path, llm_cfg.pooling, max_len, llm_cfg.dtype)
+  key = cache_key(llm_cfg.path, llm_cfg.pooling, max_len, llm_cfg.dtype, llm_cfg.attention)
   return write(cache_dir, captions, features, key, shard_size)

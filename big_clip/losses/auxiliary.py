@@ -24,7 +24,7 @@ def batch_entries(config: ml_collections.ConfigDict, teacher_dim: int | None = N
   out = {}
   if config.loss.long_clip.enabled:
     out["text_short"] = ((config.data.max_len,), "int32")
-  if config.loss.text_pair_weight > 0:
+  if config.loss.text_pair_weight > 0 or config.loss.caption_contrast:
     out["text_pair"] = ((config.data.max_len,), "int32")
   if config.loss.distill.enabled:
     dim = teacher_dim or config.model.embed_dim

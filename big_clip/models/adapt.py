@@ -198,9 +198,15 @@ def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
   run's architecture settings equal `model_cfg`'s, every tensor fits.
   """
   workdir, step = parse_big_clip_spec(spec)
+  run = run_config(workdir)
+  if run.loss.caption_contrast:  # its image tower and adapter were never trained
+    raise ImportMismatchError(
+        f"{workdir} is a caption-contrastive (CC) run: only its LLM is trained. Export it with "
+        f"python tools/export_llm.py --run {workdir} --out LLM_FOLDER and set "
+        "config.model.text.llm.path=LLM_FOLDER (docs/llm-towers.md).")
   if tokenizer_path is not None:
     check_same_tokenizer(workdir, tokenizer_path)
-  check_architecture(run_config(workdir).model.to_dict(), model_cfg, workdir)
+  check_architecture(run.model.to_dict(), model_cfg, workdir)
   step, flat = checkpoints.read_params(workdir_lib.checkpoints_dir(workdir), step)
   per_layer_flat = per_layer(_as_dotted(flat))
   params = import_params(per_layer_flat, model_cfg, source=f"{workdir} checkpoint {step}")

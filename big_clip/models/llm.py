@@ -48,11 +48,15 @@ from big_clip.errors import UserError
 # real token (the sentencepiece tokenizers of CLIP towers pad with 0 instead).
 PAD_ID = -1
 POOLINGS = ("mean", "last", "eos")
+ATTENTIONS = ("causal", "bidirectional")
+# What big_clip.convert.llm_export writes into the config.json of a trained LLM: the run, the
+# attention it was trained with and the sha256 of its weights (the embedding cache's key).
+BIG_CLIP_SECTION = "big_clip"
 LORA_TARGETS = config_lib.LORA_TARGETS
 ROPE_TYPES = ("default", "linear", "llama3")
 CONFIG_FILE, INDEX_FILE, SINGLE_FILE = "config.json", "model.safetensors.index.json", \
     "model.safetensors"
-IGNORED_HF_TENSORS = ("lm_head.weight",)  # the LM head: an embedder does not predict tokens
+LM_HEAD = "lm_head.weight"  # loaded only for MNTP (config.model.text.llm.lm_head)
 
 ACT_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
 
@@ -85,6 +89,8 @@ class LlmSpec:
   o_bias: bool = False  # Llama attention_bias also biases o_proj; Qwen2 never does
   mlp_bias: bool = False
   eos_id: int | None = None
+  tie_word_embeddings: bool = False  # the LM head is the embedding table (MNTP's head)
+  trained_attention: str = ""  # 'bidirectional' after a CC run exported by big_clip
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> LlmSpec:
@@ -125,7 +131,9 @@ class LlmSpec:
         rope_scaling=tuple(sorted({"rope_type": rope_type, **rope}.items())),
         qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)), eos_id=None if eos is None else int(eos))
+        mlp_bias=bool(hf.get("mlp_bias", False)), eos_id=None if eos is None else int(eos),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        trained_attention=str(hf.get(BIG_CLIP_SECTION, {}).get("attention", "")))
 
   @classmethod
   def from_folder(cls, path: str) -> LlmSpec:
@@ -148,7 +156,23 @@ class LlmSpec:
     return cls(vocab_size=int(text_cfg.vocab_size), hidden_size=int(text_cfg.width),
                intermediate_size=int(text_cfg.mlp_dim), num_layers=int(text_cfg.depth),
                num_heads=heads, num_kv_heads=kv, head_dim=int(text_cfg.width) // heads,
-               rope_theta=float(text_cfg.llm.rope_theta), eos_id=int(text_cfg.eos_id))
+               rope_theta=float(text_cfg.llm.rope_theta), eos_id=int(text_cfg.eos_id),
+               tie_word_embeddings=True)
+
+  def to_hf(self) -> dict[str, Any]:
+    """A Llama `config.json` dict of this architecture (default RoPE only)."""
+    if dict(self.rope_scaling).get("rope_type", "default") != "default" or self.o_bias \
+        or self.mlp_bias:
+      raise ValueError("LlmSpec.to_hf writes plain Llama configs; this spec has rope scaling "
+                       "or biases: copy the model's own config.json instead.")
+    return {"architectures": ["LlamaModel"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "hidden_act": "silu",
+            "max_position_embeddings": 2048, "eos_token_id": self.eos_id,
+            "tie_word_embeddings": self.tie_word_embeddings, "torch_dtype": "float32"}
 
 
 def rope_inv_freq(spec: LlmSpec) -> np.ndarray:
@@ -197,6 +221,8 @@ class TowerOptions:
   param_dtype: Any = jnp.float32  # trainable weights (LoRA, adapter, unfrozen base)
   remat: bool = False
   pad_id: int = PAD_ID
+  attention: str = "causal"  # 'bidirectional': LLM2Vec's (BehnamGhader et al. 2024) mask
+  lm_head: bool = False  # build the LM head (MNTP); tied models reuse the embedding table
   pretrained: bool = False  # base weights come from a checkpoint (init them cheaply)
   cached: bool = False  # inputs are cached pooled features, no decoder
 
@@ -213,6 +239,8 @@ class TowerOptions:
         param_dtype=layers.DTYPES[layers.choose(model_cfg.param_dtype, layers.DTYPES,
                                                 "config.model.param_dtype")],
         remat=bool(model_cfg.remat), pad_id=PAD_ID if c.path else int(model_cfg.text.pad_id),
+        attention=layers.choose(c.attention, ATTENTIONS, f"{key}.attention"),
+        lm_head=bool(c.lm_head),
         pretrained=bool(c.path), cached=bool(c.cache_dir))
 
 
@@ -290,7 +318,8 @@ def _lora_rank(name: str, opt: TowerOptions) -> int:
 
 
 class SelfAttention(nnx.Module):
-  """Grouped-query attention (Ainslie et al. 2023) with RoPE, causal + padding mask."""
+  """Grouped-query attention (Ainslie et al. 2023) with RoPE, padding mask, and the causal
+  mask unless `opt.attention='bidirectional'` (LLM2Vec §2.1: every token sees every token)."""
 
   def __init__(self, spec: LlmSpec, opt: TowerOptions, rngs: nnx.Rngs):
     h, d = spec.hidden_size, spec.head_dim
@@ -303,7 +332,7 @@ class SelfAttention(nnx.Module):
                        spec.qkv_bias)
     self.o_proj = proj("o_proj", spec.num_heads * d, h, ("heads", "embed"), spec.o_bias)
     self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
-    self.spec = spec
+    self.spec, self.causal = spec, opt.attention == "causal"
 
   def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
     b, t, _ = x.shape
@@ -315,7 +344,8 @@ class SelfAttention(nnx.Module):
     v = sharding.constrain(v, ACT_KV_HEADS)
     # Keys that are padding are masked for every query; causal masking on top. Padding
     # queries (after the text) still see the text, so no row is fully masked.
-    y = jax.nn.dot_product_attention(q, k, v, mask=valid[:, None, None, :], is_causal=True)
+    y = jax.nn.dot_product_attention(q, k, v, mask=valid[:, None, None, :],
+                                     is_causal=self.causal)
     return self.o_proj(y.reshape(b, t, -1))
 
 
@@ -357,6 +387,11 @@ class Decoder(nnx.Module):
     self.embed_tokens = EmbedTokens(spec, opt, rngs)
     self.layers = nnx.List([DecoderLayer(spec, opt, rngs) for _ in range(spec.num_layers)])
     self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, opt, rngs)
+    # The LM head for MNTP (HF lm_head.weight, [hidden, vocab] here); tied models use the
+    # embedding table instead (`LlmTextTower.token_logits`).
+    self.lm_head = (Projection(spec.hidden_size, spec.vocab_size, ("embed", "vocab"),
+                               bias=False, lora_rank=0, opt=opt, rngs=rngs)
+                    if opt.lm_head and not spec.tie_word_embeddings else None)
     self.remat = opt.remat
 
   def __call__(self, tokens: jax.Array, valid: jax.Array) -> jax.Array:
@@ -455,17 +490,38 @@ class LlmTextTower(nnx.Module):
     # there: the cached and the live tower start from the same adapter.
     self.adapter = Adapter(spec.hidden_size, opt.adapter_hidden, int(model_cfg.embed_dim),
                            opt, rngs)
+    if spec.trained_attention and spec.trained_attention != opt.attention:
+      raise config_lib.ConfigError(
+          f"{model_cfg.text.llm.path} was trained with {spec.trained_attention} attention "
+          f"(its config.json, section {BIG_CLIP_SECTION!r}); set "
+          f"config.model.text.llm.attention={spec.trained_attention!r}.")
     self.decoder = None if opt.cached else Decoder(spec, opt, rngs)
 
-  def features(self, tokens: jax.Array) -> jax.Array:
-    """Pooled last hidden states, float32 [B, hidden]: what the embedding cache stores."""
+  def hidden_states(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(last hidden states [B, T, hidden], valid [B, T]) of int32 tokens [B, T]."""
     chex.assert_rank(tokens, 2)
     if self.decoder is None:
       raise ValueError("This tower reads cached features (config.model.text.llm.cache_dir); "
                        "it has no decoder to run on tokens.")
     valid = tokens != self.opt.pad_id
-    hidden = self.decoder(tokens, valid)
+    return self.decoder(tokens, valid), valid
+
+  def features(self, tokens: jax.Array) -> jax.Array:
+    """Pooled last hidden states, float32 [B, hidden]: what the embedding cache stores."""
+    hidden, valid = self.hidden_states(tokens)
     return pool(hidden, tokens, valid, self.opt.pooling, self.spec.eos_id)
+
+  def token_logits(self, hidden: jax.Array) -> jax.Array:
+    """float32 [B, T, vocab] next-token logits of hidden states (MNTP): the LM head, or the
+    embedding table for tied models (random-init towers, tie_word_embeddings)."""
+    if self.decoder is None or not self.opt.lm_head:
+      raise ValueError("Token logits need the LM head: set config.model.text.llm.lm_head=True "
+                       "(and no cache_dir).")
+    if self.decoder.lm_head is not None:
+      head = self.decoder.lm_head.kernel[...]
+    else:
+      head = self.decoder.embed_tokens.embedding[...].T
+    return jnp.einsum("bth,hv->btv", hidden.astype(jnp.float32), head.astype(jnp.float32))
 
   def __call__(self, text: jax.Array) -> jax.Array:
     if self.decoder is None:  # cached pooled features
@@ -502,10 +558,8 @@ def weight_files(path: str) -> dict[str, str]:
     return {name: single for name in f.keys()}
 
 
-def _our_path(hf_name: str) -> tuple[tuple[Any, ...], bool] | None:
-  """(path in Decoder's params, transpose?) of a HF tensor name; None for the LM head."""
-  if hf_name in IGNORED_HF_TENSORS:
-    return None
+def _our_path(hf_name: str) -> tuple[tuple[Any, ...], bool]:
+  """(path in Decoder's params, transpose?) of a HF tensor name."""
   parts = hf_name.split(".")
   if parts[0] == "model":  # *ForCausalLM checkpoints nest the decoder under `model.`
     parts = parts[1:]
@@ -533,15 +587,18 @@ def load_weights(decoder_params: dict, path: str, shardings: Any = None) -> dict
   files = weight_files(path)
   plan = {}
   for name, file in files.items():
-    mapped = _our_path(name)
-    if mapped is None:
+    ours, transpose = _our_path(name)
+    if name == LM_HEAD and ours not in wanted:  # an embedder does not predict tokens
       continue
-    ours, transpose = mapped
     if ours not in wanted:
       raise CheckpointError(f"Unexpected tensor {name!r} in {file}: the decoder built from "
                             f"{path}/config.json has no parameter {'/'.join(map(str, ours))}.")
     plan[ours] = (name, file, transpose)
   missing = sorted("/".join(map(str, p)) for p in wanted - set(plan))
+  if missing == ["lm_head/kernel"]:
+    raise CheckpointError(f"{path} has no {LM_HEAD} (a base model without its LM head) but "
+                          "config.model.text.llm.lm_head=True (MNTP) needs it; use the "
+                          "*ForCausalLM checkpoint.")
   if missing:
     raise CheckpointError(f"{path}: no tensor for {len(missing)} parameters, e.g. "
                           f"{missing[:3]}; is config.json from the same model as the weights?")
@@ -587,3 +644,41 @@ def load_into(tower: LlmTextTower, path: str) -> None:
   params = nnx.to_pure_dict(state)
   nnx.replace_by_pure_dict(state, load_weights(params, path))
   nnx.update(tower.decoder, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a trained decoder back (LLM2CLIP's CC stage -> the next stage's HF folder).
+# ---------------------------------------------------------------------------------------------
+def merge_lora(decoder_params: Mapping[str, Any], lora_alpha: float) -> dict[str, Any]:
+  """Decoder params (pure dict) with each LoRA folded into its kernel and the factors gone:
+  kernel + (alpha / r) A B (Hu et al. 2021 §4.1: no extra latency once merged)."""
+  out = {}
+  for key, value in decoder_params.items():
+    if isinstance(value, Mapping) and "lora_a" in value:
+      a, b = (np.asarray(jax.device_get(value[k]), np.float64) for k in ("lora_a", "lora_b"))
+      kernel = np.asarray(jax.device_get(value["kernel"]))
+      merged = kernel.astype(np.float64) + (lora_alpha / a.shape[-1]) * (a @ b)
+      out[key] = {k: v for k, v in value.items() if k not in ("lora_a", "lora_b")}
+      out[key]["kernel"] = merged.astype(kernel.dtype)
+    elif isinstance(value, Mapping):
+      out[key] = merge_lora(value, lora_alpha)
+    else:
+      out[key] = value
+  return out
+
+
+def to_hf_tensors(decoder_params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Decoder params without LoRA -> {HF tensor name: float32 array}, the inverse of
+  `load_weights`' mapping (kernels transposed back to [out, in])."""
+  flat = traversals.flatten_mapping(decoder_params)
+  out = {}
+  for path, value in flat.items():
+    if path[-1] in ("lora_a", "lora_b"):
+      raise ValueError(f"{'/'.join(map(str, path))}: merge LoRA first (llm.merge_lora).")
+    *parents, leaf = (str(p) for p in path)
+    value = np.asarray(jax.device_get(value), np.float32)
+    if leaf == "kernel":
+      value = value.T
+    out[".".join(parents) + (".bias" if leaf == "bias" else ".weight")] = \
+        np.ascontiguousarray(value)
+  return out
