@@ -91,6 +91,7 @@ LOCAL_FILES_ON_PURPOSE = {
     "big_clip.fileio": "the layer itself",
     "big_clip.models.llm": "safetensors are memory-mapped from a local folder",
     "big_clip.data.text_cache": "the embedding cache is memory-mapped from a local folder",
+    "big_clip.convert.llm_export": "writes an LLM folder, which models.llm memory-maps locally",
     "big_clip.data.tokenizers": "sentencepiece trains into a local temporary folder",
     "big_clip.evals.labels": "the label files shipped inside the package",
     "big_clip.api": "a local image path (a remote one goes through data.manifest)",
