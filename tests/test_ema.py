@@ -100,6 +100,9 @@ def test_resuming_with_the_ema_switched_off_names_the_key(run):
   mngr = checkpoints.manager(workdir_lib.checkpoints_dir(workdir), keep=2, use_async=False)
   with pytest.raises(UserError, match="config.optim.ema_decay > 0"):
     checkpoints.restore_latest(mngr, abstract)
+  step, state, _ = checkpoints.restore_latest(mngr, {**abstract, "ema": abstract["params"]})
+  assert step == 5
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), raw)
   mngr.close()
 
 
