@@ -47,9 +47,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
   step = mngr.latest_step()
   if step is None:
     return None
-  reader = _reader(mngr.directory)
-  saved = set(_saved_state(reader, step))
-  reader.close()
+  saved = set(_saved_state(mngr.directory, step))
   if "ema" in saved.symmetric_difference(abstract_state):
     raise UserError(
         f"Checkpoint {step} in {mngr.directory} was written with config.optim.ema_decay "
@@ -76,20 +74,20 @@ def _reader(directory: str) -> ocp.CheckpointManager:
                      "data": ocp.JsonCheckpointHandler()})
 
 
-def _saved_state(mngr: ocp.CheckpointManager, step: int) -> Any:
-  """The metadata tree (shapes, dtypes) of checkpoint `step`'s train state (`mngr`: a
-  `_reader`)."""
-  meta = mngr.item_metadata(step)["state"]
+def _saved_state(directory: Any, step: int) -> Any:
+  """The metadata tree (shapes, dtypes) of checkpoint `step`'s train state in `directory`."""
+  reader = _reader(directory)
+  meta = reader.item_metadata(step)["state"]
+  reader.close()
   return getattr(meta, "tree", meta)
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any, *,
                    ema: bool = True) -> Any:
   """Only the model parameters of checkpoint `step` (no optimizer state), e.g. for eval:
-  with `ema`, those the checkpoint holds an EMA of are the EMA (config.optim.ema_decay).
-  `mngr` reads the state's metadata (a `_reader`, as `read_params` opens it)."""
+  with `ema`, those the checkpoint holds an EMA of are the EMA (config.optim.ema_decay)."""
   item = {"params": abstract_params}
-  saved = _saved_state(mngr, step)
+  saved = _saved_state(mngr.directory, step)
   if ema and "ema" in saved:  # the EMA's leaves, in the layout of `abstract_params`
     key = lambda path: tuple(str(p) for p in path)
     averaged = {key(p) for p in nnx.traversals.flatten_mapping(saved["ema"])}
@@ -143,7 +141,7 @@ def read_params(directory: str, step: int | None = None, target: Any = None, *,
                             f"(steps: {list(mngr.all_steps())}); train that run first or "
                             "name an existing step.")
   if target is None:
-    meta = _saved_state(mngr, step)["params"]  # saved shapes and dtypes
+    meta = _saved_state(directory, step)["params"]  # saved shapes and dtypes
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           meta)

@@ -116,3 +116,25 @@ def test_export_no_ema_writes_the_raw_weights(run, tmp_path):
   exported = big_clip.load(f"open_clip:{out}").encode_image(paths)
   raw = big_clip.load(workdir, ema=False).encode_image(paths)
   np.testing.assert_allclose(exported, raw, atol=1e-5, rtol=0)
+
+
+def test_the_ema_replaces_only_the_leaves_it_holds(tmp_path):
+  # A frozen base has no EMA (only the trainable weights are averaged): read from the params.
+  params = {"tower": {"kernel": np.arange(6.0, dtype=np.float32).reshape(2, 3)},
+            "frozen": np.ones(3, np.float32)}
+  ema = {"tower": {"kernel": -params["tower"]["kernel"]}}
+  mngr = checkpoints.manager(str(tmp_path), keep=2, use_async=False)
+  checkpoints.save(mngr, 1, {"params": params, "ema": ema}, {"next_example": 0})
+  mngr.wait_until_finished()
+  mngr.close()
+  mngr = checkpoints.manager(str(tmp_path), keep=2, use_async=False)  # as evals open it
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        params)
+  for use_ema, kernel in ((True, ema["tower"]["kernel"]), (False, params["tower"]["kernel"])):
+    got = checkpoints.restore_params(mngr, 1, target, ema=use_ema)
+    np.testing.assert_array_equal(got["tower"]["kernel"], kernel)
+    np.testing.assert_array_equal(got["frozen"], params["frozen"])
+  mngr.close()
+  _, flat = checkpoints.read_params(str(tmp_path))  # the NumPy reader (warm starts, teachers)
+  np.testing.assert_array_equal(flat[("tower", "kernel")], ema["tower"]["kernel"])
