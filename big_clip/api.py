@@ -218,30 +218,34 @@ def _name(image: Any, index: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # Loading.
 # ---------------------------------------------------------------------------------------------
-def load(source: str, *, step: int | None = None) -> Model:
+def load(source: str, *, step: int | None = None, ema: bool = True) -> Model:
   """A big_clip workdir (its newest checkpoint, or `step`), `hf:PATH` (a transformers
   CLIPModel / SiglipModel folder, e.g. from `big_clip.export --format hf`) or
-  `open_clip:PATH` (an open_clip folder as `big_clip.export --format open_clip` writes)."""
+  `open_clip:PATH` (an open_clip folder as `big_clip.export --format open_clip` writes).
+
+  A workdir whose run kept a weight EMA (config.optim.ema_decay > 0) loads the EMA;
+  `ema=False` loads the raw weights."""
   source = os.fspath(source)
   kind, _, path = source.partition(":")
   if kind in SOURCE_KINDS and path:
-    if step is not None:
-      raise LoadError(f"load({source!r}, step={step}): a {kind} folder holds one set of "
-                      "weights; step applies to a big_clip workdir only.")
+    for name, value, default in (("step", step, None), ("ema", ema, True)):
+      if value != default:
+        raise LoadError(f"load({source!r}, {name}={value}): a {kind} folder holds one set of "
+                        f"weights; {name} applies to a big_clip workdir only.")
     return _load_pretrained(kind, path)
-  return _load_workdir(source, step)
+  return _load_workdir(source, step, ema)
 
 
 def _mesh() -> jax.sharding.Mesh:
   return sharding.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
 
 
-def _load_workdir(workdir: str, step: int | None) -> Model:
+def _load_workdir(workdir: str, step: int | None, ema: bool) -> Model:
   if not fileio.exists(workdir_lib.config_path(workdir)):
     raise LoadError(f"{workdir!r} is not a big_clip workdir (no {workdir_lib.CONFIG_FILE}); "
                     "give a training workdir, hf:PATH or open_clip:PATH.")
   mesh = _mesh()
-  config, params, step = adapt.read_run(workdir, step, mesh)
+  config, params, step = adapt.read_run(workdir, step, mesh, ema=ema)
   if (config.model.text.kind != "llm" and not config.data.tokenizer.path
       and not fileio.exists(workdir_lib.tokenizer_path(workdir))):
     raise LoadError(f"{workdir}: no tokenizer (config.data.tokenizer.path is empty and "

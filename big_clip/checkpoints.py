@@ -16,8 +16,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from big_clip import fileio
+from big_clip import fileio, optim
 from big_clip import workdir as workdir_lib
+from big_clip.errors import UserError
 
 Path = tuple[Any, ...]  # a flat parameter path, e.g. ('text', 'positional_embedding')
 
@@ -46,6 +47,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
   step = mngr.latest_step()
   if step is None:
     return None
+  saved = set(_saved_state(mngr.directory, step))
+  if "ema" in saved.symmetric_difference(abstract_state):
+    raise UserError(
+        f"Checkpoint {step} in {mngr.directory} was written with config.optim.ema_decay "
+        f"{'> 0' if 'ema' in saved else '= 0'}, this config has the other; resume with the "
+        "setting the run started with (or start a new workdir, init_from=big_clip:...).")
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   logging.info("Restored checkpoint of step %d from %s", step, mngr.directory)
@@ -59,16 +66,45 @@ def abstract_like(state: Any) -> Any:
       state)
 
 
-def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
-  """Only the model parameters of checkpoint `step` (no optimizer state), e.g. for eval."""
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager of a checkpoints folder that knows how its items were written."""
+  return ocp.CheckpointManager(
+      workdir_lib.absolute(str(directory)), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()})
+
+
+def _saved_state(directory: Any, step: int) -> Any:
+  """The metadata tree (shapes, dtypes) of checkpoint `step`'s train state in `directory`."""
+  reader = _reader(directory)
+  meta = reader.item_metadata(step)["state"]
+  reader.close()
+  return getattr(meta, "tree", meta)
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any, *,
+                   ema: bool = True) -> Any:
+  """Only the model parameters of checkpoint `step` (no optimizer state), e.g. for eval:
+  with `ema`, those the checkpoint holds an EMA of are the EMA (config.optim.ema_decay)."""
+  item = {"params": abstract_params}
+  saved = _saved_state(mngr.directory, step)
+  if ema and "ema" in saved:  # the EMA's leaves, in the layout of `abstract_params`
+    key = lambda path: tuple(str(p) for p in path)
+    averaged = {key(p) for p in nnx.traversals.flatten_mapping(saved["ema"])}
+    item["ema"] = nnx.traversals.unflatten_mapping(
+        {p: a for p, a in nnx.traversals.flatten_mapping(abstract_params).items()
+         if key(p) in averaged})
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
-          item={"params": abstract_params},
+          item=item,
           restore_args=jax.tree.map(
-              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
-              {"params": abstract_params}),
-          partial_restore=True)))
-  return restored["state"]["params"]
+              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), item),
+          partial_restore=True)))["state"]
+  logging.info("Read the %s of checkpoint %d in %s%s.",
+               "EMA weights" if "ema" in item else "weights", step, mngr.directory,
+               " (--no_ema / ema=False: the raw weights)" if "ema" in item else "")
+  return optim.with_ema(restored["params"], restored["ema"]) if "ema" in item else \
+      restored["params"]
 
 
 def find(path: str) -> tuple[str, int | None, str]:
@@ -87,34 +123,32 @@ def find(path: str) -> tuple[str, int | None, str]:
                           "python -m big_clip.train --config ... --workdir ...")
 
 
-def read_params(directory: str, step: int | None = None, target: Any = None
-                ) -> tuple[int, Any]:
+def read_params(directory: str, step: int | None = None, target: Any = None, *,
+                ema: bool = True) -> tuple[int, Any]:
   """(step, params) of the checkpoint `step` (newest if None) in the checkpoints folder
   `directory`: the one reader of saved parameters (eval, export, warm start, teachers).
 
   `target` (abstract params with shardings) restores straight into that layout, which must
   be the saved one; without it the arrays come back at their saved shapes, on one device, as
   NumPy arrays keyed by flat path (for fitting into another model: models/adapt.py).
+  `ema`: the weight EMA where the run kept one (config.optim.ema_decay > 0); False: the raw
+  weights.
   """
-  mngr = ocp.CheckpointManager(
-      workdir_lib.absolute(directory), options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "data": ocp.JsonCheckpointHandler()})
+  mngr = _reader(directory)
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
     raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {directory} "
                             f"(steps: {list(mngr.all_steps())}); train that run first or "
                             "name an existing step.")
   if target is None:
-    meta = mngr.item_metadata(step)["state"]
-    meta = getattr(meta, "tree", meta)["params"]  # saved shapes and dtypes
+    meta = _saved_state(directory, step)["params"]  # saved shapes and dtypes
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           meta)
-    params = restore_params(mngr, step, target)
+    params = restore_params(mngr, step, target, ema=ema)
     mngr.close()
     return step, {path: np.asarray(v)
                   for path, v in nnx.traversals.flatten_mapping(params).items()}
-  params = restore_params(mngr, step, target)
+  params = restore_params(mngr, step, target, ema=ema)
   mngr.close()
   return step, params

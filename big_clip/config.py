@@ -202,6 +202,13 @@ def base() -> ml_collections.ConfigDict:
       clip_norm=1.0,  # global-norm clipping; 0 disables
       grad_accum_steps=1,  # micro-batches per step; gradients averaged (not a bigger
                            # contrastive batch: see loss.accum_steps for that)
+      # > 0: keep an exponential moving average of the trainable weights, updated after
+      # every step: ema = ema_decay * ema + (1 - ema_decay) * params, starting at the
+      # initial weights (no decay warmup). It lives in the train state (sharded like the
+      # params, one more copy of them in memory) and checkpoints; in-training evals,
+      # evaluate, export, predict and big_clip.load use it (--no_ema: the raw weights).
+      # 0 = off. E.g. 0.999 for runs of many thousand steps (docs/training.md).
+      ema_decay=0.0,
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, multihost="auto")
   c.checkpoint = dict(every_steps=500, keep=3, use_async=True)
@@ -351,6 +358,8 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
     need(c[key] > 0, f"config.{key}={c[key]} must be positive.")
   need(c.data.global_batch > 0, "config.data.global_batch must be positive.")
   need(c.optim.grad_accum_steps >= 1, "config.optim.grad_accum_steps must be >= 1.")
+  need(0.0 <= c.optim.ema_decay < 1.0, f"config.optim.ema_decay={c.optim.ema_decay}; give a "
+       "value in [0, 1): 0 turns the weight EMA off, e.g. 0.999 averages ~1000 steps.")
   need(c.data.global_batch % c.optim.grad_accum_steps == 0,
        f"config.data.global_batch={c.data.global_batch} is not divisible by "
        f"config.optim.grad_accum_steps={c.optim.grad_accum_steps}.")

@@ -34,8 +34,9 @@ FLAGS = flags.FLAGS
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         checkpoint: str | None = None, step: int | None = None,
                         evals: Sequence[str] | None = None, output: str | None = None,
-                        model_name: str = "big_clip") -> list[dict]:
-  """What the binary does: restore the params, run the suite, write and print the results."""
+                        model_name: str = "big_clip", ema: bool = True) -> list[dict]:
+  """What the binary does: restore the params (the weight EMA where the run kept one,
+  unless `ema` is False), run the suite, write and print the results."""
   if evals:
     config = config.copy_and_resolve_references()
     config.evals = tuple(evals)
@@ -49,7 +50,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   graphdef, abs_params, shardings = two_tower.abstract_params(config.model, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abs_params, shardings)
-  step, params = checkpoints.read_params(ckpt_dir, step, target)
+  step, params = checkpoints.read_params(ckpt_dir, step, target, ema=ema)
   results = suite.Suite(config, tokenizer, graphdef, mesh, model_name).run(params)
   output = output or os.path.join(workdir, "eval", "results.jsonl")
   records.write_records(results, os.path.dirname(fileio.absolute(output)), step=step,
@@ -65,7 +66,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("Give --workdir DIR (its latest checkpoint) or --checkpoint PATH.")
   name = workdir_lib.run_name(config_flags.get_config_filename(FLAGS["config"]))
   evaluate_checkpoint(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
-                      evals=FLAGS.eval, output=FLAGS.output, model_name=name)
+                      evals=FLAGS.eval, output=FLAGS.output, model_name=name,
+                      ema=not FLAGS.no_ema)
 
 
 def run() -> None:
@@ -78,6 +80,8 @@ def run() -> None:
   flags.DEFINE_multi_string("eval", None, "An eval spec (repeatable), replacing config.evals; "
                             "e.g. retrieval:manifest:PATH:test (see big_clip/evals/specs.py).")
   flags.DEFINE_string("output", None, "The results file (default WORKDIR/eval/results.jsonl).")
+  flags.DEFINE_bool("no_ema", False, "Evaluate the raw weights, not the weight EMA the run "
+                    "kept (config.optim.ema_decay > 0).")
   flags.mark_flags_as_required(["config"])
   cli.run(main, "big_clip.evaluate")
 

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
   if not FLAGS.workdir or FLAGS.format not in FORMATS:
     raise app.UsageError("Usage: python -m big_clip.export --workdir DIR [--step N] "
                          "--format hf|open_clip --out OUT, or --import hf:PATH --out WORKDIR")
-  config, params, step = adapt.read_run(FLAGS.workdir, FLAGS.step)
+  config, params, step = adapt.read_run(FLAGS.workdir, FLAGS.step, ema=not FLAGS.no_ema)
   tok = pretrained.tokenizer_of(config, FLAGS.workdir)
   if FLAGS.format == "hf":
     what = f"transformers {pretrained.to_hf(params, config, out, tokenizer_path=tok)}"
@@ -62,6 +62,8 @@ def run() -> None:
   """`python -m big_clip.export`, and the console script big-clip-export."""
   flags.DEFINE_string("workdir", None, "A training workdir to export.")
   flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest).")
+  flags.DEFINE_bool("no_ema", False, "Export the raw weights, not the weight EMA the run "
+                    "kept (config.optim.ema_decay > 0).")
   flags.DEFINE_enum("format", "hf", FORMATS, "hf: transformers CLIPModel/SiglipModel; "
                     "open_clip: open_clip state dict + model config.")
   flags.DEFINE_string("out", None, "Output folder.")

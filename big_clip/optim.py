@@ -80,3 +80,18 @@ def combine(trainable: Any, frozen: Any) -> Any:
 
   return traversals.unflatten_mapping({**traversals.flatten_mapping(trainable),
                                        **traversals.flatten_mapping(frozen)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Exponential moving average of the weights (config.optim.ema_decay).
+# ---------------------------------------------------------------------------------------------
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+  """ema = decay * ema + (1 - decay) * params, leaf by leaf, in the params' dtype. Plain
+  Polyak averaging as in timm's ModelEmaV2 with a fixed decay (no warmup of the decay)."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def with_ema(params: Any, ema: Any) -> Any:
+  """`params` with every leaf that `ema` holds replaced by its average: the EMA covers the
+  trainable weights only, a frozen base is the same in both."""
+  return combine(params, ema)

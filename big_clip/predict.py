@@ -143,7 +143,7 @@ def main(argv: list[str]) -> None:
     raise PredictError("give labels (--labels / --labels_file) or captions (--texts), not both.")
   if FLAGS.top_k < 1:
     raise PredictError(f"--top_k={FLAGS.top_k}; give 1 or more.")
-  model = api.load(FLAGS.model, step=FLAGS.step)
+  model = api.load(FLAGS.model, step=FLAGS.step, ema=not FLAGS.no_ema)
   rows, skipped = predict(model, paths, classnames=classnames,
                           templates=read_templates(FLAGS.templates), texts=texts, k=FLAGS.top_k)
   for path, why in skipped.items():
@@ -160,6 +160,8 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   flags.DEFINE_string("model", None, "A big_clip workdir, hf:PATH or open_clip:PATH.")
   flags.DEFINE_integer("step", None, "The workdir's checkpoint step (default: the newest).")
+  flags.DEFINE_bool("no_ema", False, "Use the workdir's raw weights, not the weight EMA the "
+                    "run kept (config.optim.ema_decay > 0).")
   flags.DEFINE_multi_string("images", None, "Image files or folders (repeatable; further "
                             "paths after the flags count too).")
   flags.DEFINE_list("labels", None, "Comma-separated class names (English prompts).")

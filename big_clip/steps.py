@@ -27,7 +27,9 @@ from big_clip.errors import UserError
 from big_clip.losses import auxiliary, caption_contrast, grad_cache
 from big_clip.models import llm, two_tower, vit
 
-State = dict[str, Any]  # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'}
+# {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'} and, with
+# config.optim.ema_decay > 0, 'ema': the moving average of the trainable part of 'params'.
+State = dict[str, Any]
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -49,6 +51,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   `mask_patches`: apply `config.model.image.patch_dropout` (False for FLIP's unmasked tail).
   """
   accum = config.optim.grad_accum_steps
+  ema_decay = config.optim.ema_decay
   extra_terms = auxiliary.make(config)  # Long-CLIP short captions, distillation (or None)
   split = ((lambda p: optim.partition(p, trainable)) if trainable is not None
            else (lambda p: (p, {})))
@@ -109,10 +112,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     grad_norm = optax.global_norm(grads)
     updates, opt = tx.update(grads, state["opt"], params)
     params = two_tower.clamp_logit_scale(optax.apply_updates(params, updates), config.model)
+    ema = optim.ema_update(state["ema"], params, ema_decay) if ema_decay else None
     params = optim.combine(params, frozen)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Never let a NaN into the parameters (or a checkpoint): with either nan_policy the step
-    # keeps the last finite state; 'stop' then raises on the host.
+    # keeps the last finite state (the EMA included); 'stop' then raises on the host.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt = keep(params, state["params"]), keep(opt, state["opt"])
     step = state["step"] + 1
@@ -120,6 +124,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         "step": step,
         "params": params,
         "opt": opt,
+        **({"ema": keep(ema, state["ema"])} if ema_decay else {}),
         "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
         "first_nonfinite_step": jnp.where(
             (state["first_nonfinite_step"] < 0) & ~finite, step,
@@ -130,6 +135,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
+
+
+def eval_params(state: State) -> Any:
+  """The weights evals and exports use: the EMA where the state keeps one."""
+  return optim.with_ema(state["params"], state["ema"]) if "ema" in state else state["params"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +158,7 @@ class Plan:
   schedule: optax.Schedule
   unmasked_step_fn: Callable[[State, dict], tuple]  # the same without patch dropout
   unmasked_after: int  # FLIP's unmasked tail starts after this step (0: no tail)
+  ema_of: Callable[[Any], Any] | None  # params -> a fresh EMA (their trainable part); None: off
 
   def jit_step(self, mesh: jax.sharding.Mesh, masked: bool = True) -> Any:
     """The step jitted with explicit shardings, the state donated."""
@@ -173,10 +184,15 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   init_model = two_tower.init_fn(config.model, config.seed)
   trainable = optim.trainable_mask(nnx.eval_shape(init_model))
 
+  ema = config.optim.ema_decay > 0
+  # The EMA starts at the weights: a copy (its own buffers, since the step donates both).
+  ema_of = lambda params: jax.tree.map(jnp.copy, optim.partition(params, trainable)[0])
+
   def init_state() -> State:
     params = nnx.to_pure_dict(nnx.state(init_model()))
     opt = tx.init(optim.partition(params, trainable)[0])  # no state for frozen weights
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt,
+            **({"ema": ema_of(params)} if ema else {}),
             "nonfinite": jnp.zeros((), jnp.int32),
             "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
 
@@ -186,9 +202,12 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                         transform_non_params=lambda _: repl)
   state_shardings = {"step": repl, "params": param_shardings, "opt": opt_shardings,
                      "nonfinite": repl, "first_nonfinite_step": repl}
+  if ema:  # one more copy of the trainable weights, sharded exactly like them
+    state_shardings["ema"] = optim.partition(param_shardings, trainable)[0]
   n_params = sum(x.size for x in jax.tree.leaves(abs_params))
   n_trainable = sum(x.size for x in jax.tree.leaves(optim.partition(abs_params, trainable)[0]))
-  logging.info("Model: %.2fM parameters, %.2fM trainable", n_params / 1e6, n_trainable / 1e6)
+  logging.info("Model: %.2fM parameters, %.2fM trainable%s", n_params / 1e6, n_trainable / 1e6,
+               f", their EMA (decay {config.optim.ema_decay:g}) kept too" if ema else "")
 
   make_step = lambda mask: make_train_step(graphdef, tx, schedule,
                                           losses.from_config(config.loss), mesh, config,
@@ -205,7 +224,8 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   image = config.model.image
   return Plan(graphdef, init_state, abs_state, state_shardings, param_shardings, abs_batch,
               make_step(True), schedule, make_step(False),
-              image.patch_dropout_until_step if image.patch_dropout else 0)
+              image.patch_dropout_until_step if image.patch_dropout else 0,
+              ema_of if ema else None)
 
 
 @dataclasses.dataclass
@@ -222,6 +242,9 @@ class Setup:
   unmasked_after: int = 0
   compile_unmasked: Callable[[], Any] | None = None
   unmasked_step: Any = None
+  # state -> state with the EMA restarted at its params (after loading weights into them);
+  # the identity when config.optim.ema_decay is 0.
+  restart_ema: Callable[[State], State] = lambda state: state
 
   def step_for(self, step: int) -> Any:
     """The compiled step that makes global step `step` (1-based)."""
@@ -241,6 +264,15 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     two_tower.load_tower_weights(state["params"], config.model, p.param_shardings)
     abstract_state = checkpoints.abstract_like(state)
 
+  def restart_ema(state: State) -> State:
+    if p.ema_of is None:
+      return state
+    with jax.set_mesh(mesh):
+      ema = jax.jit(p.ema_of, out_shardings=p.state_shardings["ema"])(state["params"])
+    return {**state, "ema": ema}
+
+  state = restart_ema(state)  # the loaded tower weights are its start
+
   def compile_step(masked: bool) -> Any:
     with jax.set_mesh(mesh):
       return p.jit_step(mesh, masked).lower(abstract_state, p.abstract_batch).compile()
@@ -254,4 +286,4 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     logging.info("Step memory per device: %.1f MiB arguments, %.1f MiB temporaries",
                  mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
   return Setup(p.graphdef, state, p.state_shardings, compiled, p.schedule, compile_seconds,
-               p.unmasked_after, lambda: compile_step(False))
+               p.unmasked_after, lambda: compile_step(False), restart_ema=restart_ema)

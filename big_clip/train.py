@@ -26,7 +26,7 @@ from big_clip.convert import pretrained
 from big_clip.data import pipeline
 from big_clip.evals import records, suite
 from big_clip.models import teacher
-from big_clip.steps import NonFiniteLossError, build
+from big_clip.steps import NonFiniteLossError, build, eval_params
 
 __all__ = ["train", "NonFiniteLossError", "build"]
 
@@ -88,13 +88,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
     loaded = pretrained.load_init(config.init_from, config, getattr(tokenizer, "model_path",
                                                                     None))
     state["params"] = sharding.place_like(loaded, state["params"])
+    state = setup.restart_ema(state)  # the average starts at the loaded weights
   metrics_log = workdir_lib.MetricsLog(workdir, first_step)
 
   # ----------------------------------------------------------------------------- Evaluators.
   evaluator = suite.Suite(config, tokenizer, graphdef, mesh, model_name)
+  weights = "EMA weights" if "ema" in state else "weights"
+  if "ema" in state:
+    logging.info("Evals during training use the EMA weights (config.optim.ema_decay=%g).",
+                 config.optim.ema_decay)
 
   def run_eval(step: int) -> list[dict]:
-    results = evaluator.run(state["params"])
+    results = evaluator.run(eval_params(state))
     records.write_records(results, os.path.join(workdir, "eval"), step=step)
     metrics_log.write(step, records.records_to_scalars(results))
     return results
@@ -153,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
       checkpoints.save(ckpt, step, state, data_iter.get_state())
     if step % config.eval.every_steps == 0 or step == config.total_steps:
       results = run_eval(step)
-      records.print_table(results, title=f"zero-shot accuracy at step {step}")
+      records.print_table(results, title=f"zero-shot accuracy at step {step} ({weights})")
     if stop_after is not None and step >= stop_after:
       logging.info("Stopping after step %d (stop_after).", step)
       break
@@ -167,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   if jax.process_index() == 0 and (report := reporting.write_report(workdir)):
     logging.info("Report: %s", report)
   return {"step": step, "metrics": last, "eval": results, "compile_seconds": setup.compile_seconds,
-          "params": state["params"]}
+          "params": state["params"], "ema": state.get("ema")}
 
 
 # ---------------------------------------------------------------------------------------------

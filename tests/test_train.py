@@ -162,13 +162,15 @@ def _loss_curve(workdir):
 
 
 def test_stop_and_restart_on_the_same_workdir_continues_the_same_trajectory(tmp_path, spm_path):
-  config = tiny_config(**{"data.tokenizer.path": spm_path})
+  # With a weight EMA (config.optim.ema_decay), which must resume bit-identically too.
+  config = tiny_config(**{"data.tokenizer.path": spm_path, "optim.ema_decay": 0.9})
   straight = train.train(config, str(tmp_path / "a"))
   train.train(config, str(tmp_path / "b"), stop_after=4)  # the checkpoint of step 3 survives
   resumed = train.train(config, str(tmp_path / "b"))
   assert straight["step"] == resumed["step"] == 6
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["params"]),
-               jax.device_get(straight["params"]))
+  for key in ("params", "ema"):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed[key]),
+                 jax.device_get(straight[key]))
   assert _loss_curve(tmp_path / "b") == _loss_curve(tmp_path / "a")
   assert sorted(_loss_curve(tmp_path / "a")) == [1, 2, 3, 4, 5, 6]
 

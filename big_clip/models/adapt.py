@@ -192,7 +192,7 @@ def check_same_tokenizer(workdir: str, tokenizer_path: str) -> None:
 def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
                   ) -> tuple[int, dict[str, Any]]:
   """(step, params) of another run, `spec` = 'big_clip:WORKDIR[:STEP]', fitted to `model_cfg`
-  by `import_params` (NumPy, the model's layout).
+  by `import_params` (NumPy, the model's layout); the run's weight EMA where it kept one.
 
   Checks, in order: the tokenizer file is the same (when `tokenizer_path` is given), the
   run's architecture settings equal `model_cfg`'s, every tensor fits.
@@ -214,14 +214,16 @@ def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
   return step, params
 
 
-def read_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
-             ) -> tuple[ml_collections.ConfigDict, Any, int]:
+def read_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
+             *, ema: bool = True) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, params, step) of a run's own checkpoint (newest unless `step`), the params
-  restored in the run's layout, sharded over `mesh` (default: all devices, data parallel)."""
+  restored in the run's layout, sharded over `mesh` (default: all devices, data parallel).
+  `ema`: the weight EMA where the run kept one; False: the raw weights."""
   config = config_lib.load_json(workdir_lib.config_path(workdir))
   mesh = mesh or sharding.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
   _, abstract, shardings = two_tower.abstract_params(config.model, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
-  step, params = checkpoints.read_params(workdir_lib.checkpoints_dir(workdir), step, target)
+  step, params = checkpoints.read_params(workdir_lib.checkpoints_dir(workdir), step, target,
+                                         ema=ema)
   return config, params, step
