@@ -131,7 +131,7 @@ def exchange_groups(data_parallel: int, group_size: int | None
   if group_size < 1 or data_parallel % group_size:
     raise ValueError(
         f"config.loss.group_size={group_size} must divide the {data_parallel} data-parallel "
-        f"devices (mesh data x fsdp); use a divisor of {data_parallel}, or 0 for all.")
+        f"devices (mesh data x fsdp x expert); use a divisor of {data_parallel}, or 0 for all.")
   return tuple(tuple(range(start, start + group_size))
                for start in range(0, data_parallel, group_size))
 
