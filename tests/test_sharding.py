@@ -11,9 +11,11 @@ from big_clip import sharding
 
 def test_minus_one_takes_the_remaining_devices():
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == {
-      "data": 4, "fsdp": 2, "tensor": 1}
+      "data": 4, "fsdp": 2, "tensor": 1, "expert": 1}
   assert sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == {
-      "data": 2, "fsdp": 2, "tensor": 2}
+      "data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+  assert sharding.mesh_shape({"data": 2, "expert": -1}, 8) == {
+      "data": 2, "fsdp": 1, "tensor": 1, "expert": 4}
 
 
 @pytest.mark.parametrize("req, match", [
