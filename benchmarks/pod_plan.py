@@ -174,7 +174,7 @@ def compiled_table(reports: list[dict]) -> None:
     c = recipe_config(r["recipe"])
     f = recipe_formulas(c, r["chips"])
     m, coll = r["per_chip_bytes"], r["collectives"]
-    dp = r["mesh"]["data"] * r["mesh"]["fsdp"]
+    dp = r["mesh"]["data"] * r["mesh"]["fsdp"] * r["mesh"].get("expert", 1)
     try:
       analytic = f"{flops.train_step_flops(c.model, r['global_batch']) / r['chips'] / 1e12:.3g}"
     except Exception:  # noqa: BLE001 - an LLM tower has no analytic count here

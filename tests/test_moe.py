@@ -175,3 +175,20 @@ def test_upcycled_model_equals_its_dense_parent_at_init(tmp_path):
   k = assembled["text.blocks.0.mlp.fc1.kernel"]
   np.testing.assert_array_equal(k[1], k[0] + 1.0)
   np.testing.assert_array_equal(k[2], k[0])
+
+
+def test_scanned_and_rematerialized_moe_stack_equals_the_layer_loop():
+  loop_cfg = tiny_moe_config(depth=2)
+  loop = two_tower.TwoTower(loop_cfg.model, rngs=nnx.Rngs(0))
+  randomize(loop, 8)
+  scan_cfg = tiny_moe_config(depth=2)
+  scan_cfg.model.update(scan_layers=True, remat=True)
+  scanned = two_tower.TwoTower(scan_cfg.model, rngs=nnx.Rngs(1))
+  nnx.update(scanned, layers.stack_layers(nnx.state(loop)))
+  rng = np.random.default_rng(9)
+  images = jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(1, 64, size=(4, 8)), jnp.int32)
+  forward = nnx.jit(lambda m: m.forward(images, tokens))
+  want, got = forward(loop), forward(scanned)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+  assert 0 < float(want[2]["image"]["dropped"]) < 1  # the capacity limit is exercised
