@@ -47,7 +47,7 @@ def check_inputs(loss_name: str, img_emb: jax.Array, txt_emb: jax.Array, scale: 
     raise ValueError(
         f"{loss_name} loss: the global batch {global_batch} is not divisible by the "
         f"data-parallel size {n_shards} (mesh data={mesh.shape['data']} x "
-        f"fsdp={mesh.shape['fsdp']}); make the batch size a multiple of {n_shards}.")
+        f"fsdp={mesh.shape['fsdp']} x expert={mesh.shape['expert']}); make the batch size a multiple of {n_shards}.")
 
 
 def as_float32(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
