@@ -54,7 +54,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
   x = jax.random.normal(jax.random.key(0), (args.batch, t["tokens"], t["width"]))
 
   def loss(stack, x):
-    return jnp.sum(layers.apply_blocks(stack, x, remat=False, causal=t["causal"]) * x)
+    return jnp.sum(layers.apply_blocks(stack, x, remat=False, causal=t["causal"])[0] * x)
 
   fns = {}
   for impl in ("xla", "einsum"):

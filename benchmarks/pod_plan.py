@@ -46,7 +46,7 @@ from flax import nnx
 
 from benchmarks import flops
 from big_clip import optim, planning
-from big_clip.models import two_tower
+from big_clip.models import moe, two_tower
 from configs import clip_vit_b32
 
 GiB = 2 ** 30
@@ -105,6 +105,35 @@ def plan(name: str, global_batch: int, chips: int) -> dict[str, float]:
   }
 
 
+def moe_plan(name: str, global_batch: int, chips: int, experts: int = 8, top_k: int = 2,
+             every_n_layers: int = 2, capacity_factor: float = 1.25,
+             expert_axis: int = 8) -> dict[str, float]:
+  """Both towers of `name` with MoE MLPs (configs/clip_moe.py's settings). Activated
+  parameters: those one token meets (top_k of the experts of each MoE layer, the router);
+  all-to-all: the bf16 expert buffers [E, b, C, W] each MoE layer exchanges per chip,
+  twice forward (dispatch, combine) and twice backward, the (n-1)/n that leave a chip
+  over an expert axis of n."""
+  c = model_config(name)
+  dense_params = count_params(c)
+  c.model.scan_layers = False  # two block types (configs/clip_moe.py)
+  for tower in ("image", "text"):
+    c.model[tower].moe.update(experts=experts, top_k=top_k, every_n_layers=every_n_layers,
+                              capacity_factor=capacity_factor)
+  total = count_params(c)
+  b = global_batch // chips
+  inactive, a2a = 0, 0.0
+  for tower in flops.towers(c.model):
+    t, w, m = tower.tokens, tower.width, tower.mlp_dim
+    layers_moe = tower.depth // every_n_layers
+    inactive += layers_moe * (experts - top_k) * (2 * w * m + w + m)
+    capacity = moe.MoeConfig(experts=experts, top_k=top_k,
+                             capacity_factor=capacity_factor).capacity(t)
+    a2a += layers_moe * 4 * experts * capacity * b * w * 2 * (expert_axis - 1) / expert_axis
+  return {"dense_params_M": dense_params / 1e6, "total_params_M": total / 1e6,
+          "activated_params_M": (total - inactive) / 1e6, "all_to_all_GiB": a2a / GiB,
+          "state_GiB": 16 * total / chips / GiB}
+
+
 RECIPES = ("clip_vit_b32", "siglip_vit_b16", "longclip_finetune", "llm2clip")
 
 
@@ -154,7 +183,7 @@ def compiled_table(reports: list[dict]) -> None:
     c = recipe_config(r["recipe"], r.get("overrides", ()))
     f = recipe_formulas(c, r["chips"])
     m, coll = r["per_chip_bytes"], r["collectives"]
-    dp = r["mesh"]["data"] * r["mesh"]["fsdp"]
+    dp = r["mesh"]["data"] * r["mesh"]["fsdp"] * r["mesh"].get("expert", 1)
     try:
       analytic = f"{flops.train_step_flops(c.model, r['global_batch']) / r['chips'] / 1e12:.3g}"
     except Exception:  # noqa: BLE001 - an LLM tower has no analytic count here
@@ -215,6 +244,14 @@ def main(argv=None) -> None:
     base = r["state_GiB"] + r["gathered_GiB"] + r["loss_softmax_GiB"]
     print(f"| {name} | " + " | ".join(f"{r[k]:.3g}" for k in cols)
           + f" | {base + r['act_GiB']:.1f} / {base + r['act_remat_GiB']:.1f} |")
+  print(f"\nMoE (configs/clip_moe.py): both towers, 8 experts every 2nd block, top-2, capacity "
+        f"1.25, expert axis 8 (fsdp {args.chips // 8}); all-to-all per chip per step")
+  cols = ("dense_params_M", "total_params_M", "activated_params_M", "all_to_all_GiB",
+          "state_GiB")
+  print("| model | " + " | ".join(cols) + " |")
+  print("|---" * (len(cols) + 1) + "|")
+  r = moe_plan("ViT-B/16", args.global_batch, args.chips)
+  print("| ViT-B/16 MoE | " + " | ".join(f"{r[k]:.3g}" for k in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def base() -> ml_collections.ConfigDict:
   )
   c.loss = dict(
       name="softmax",  # 'softmax' (CLIP), 'sigmoid' (SigLIP), 'grouped' (M2-Encoder)
-      group_size=0,  # grouped: data x fsdp devices per contrastive batch; 0 = all devices
+      group_size=0,  # grouped: data x fsdp x expert devices per contrastive batch; 0 = all devices
       group_base="softmax",  # grouped: the loss computed inside each group
       # Batch accumulation (gradient cache, Gao et al. 2021): embed the global batch in
       # accum_steps micro-batches, take the loss over the WHOLE batch, then backprop each
@@ -163,6 +163,17 @@ def base() -> ml_collections.ConfigDict:
   c.model.attention_impl = "auto"
   c.model.text.causal = True  # causal self-attention (CLIP); SigLIP attends both ways
   c.model.text.proj_bias = False  # SigLIP's text head has a bias
+  # Mixture-of-experts MLPs (models/moe.py; Switch / GShard routing, CLIP-MoE upcycling).
+  for tower in ("image", "text"):
+    c.model[tower].moe = dict(
+        experts=0,  # 0 = dense MLPs everywhere
+        top_k=2,  # experts per token; gates renormalized over the chosen k (Mixtral)
+        every_n_layers=2,  # blocks i with (i + 1) % n == 0 get an MoE MLP (1 = all)
+        capacity_factor=1.25,  # tokens per expert per example = ceil(k T cf / E); 0 dropless
+        router_z_loss=1e-3,  # ST-MoE router z-loss weight
+        load_balance=1e-2,  # Switch load-balancing loss weight
+        upcycle_noise=0.0,  # init_from a dense run: expert copies + N(0, (noise*std)^2)
+    )
   # Start from pretrained weights when the workdir has no checkpoint (fine-tuning):
   # 'hf:PATH' (a save_pretrained folder), 'open_clip:PATH' (open_clip_config.json +
   # a state dict) or 'big_clip:WORKDIR[:STEP]'. '' = random init. A shorter text position
@@ -210,7 +221,9 @@ def base() -> ml_collections.ConfigDict:
       # 0 = off. E.g. 0.999 for runs of many thousand steps (docs/training.md).
       ema_decay=0.0,
   )
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, multihost="auto")
+  # expert: shards MoE experts (config.model.*.moe) and, as MaxText's, splits the batch
+  # like data everywhere else; with no MoE layers expert=k is the same as data=k.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, multihost="auto")
   c.checkpoint = dict(every_steps=500, keep=3, use_async=True)
   c.eval = dict(every_steps=500, zeroshot_tasks=("colour", "shape"), num_images=600,
                 batch_size=200)
@@ -409,6 +422,7 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.data.source.partition(":")[2] != "" or c.data.source == "embedded",
        f"config.data.source={c.data.source!r} names no location, e.g. 'shards:/data/*.tar'.")
   _validate_long_captions(c)
+  _validate_moe(c)
   validate_llm(c.model.text.llm)
 
 
@@ -436,6 +450,42 @@ def _validate_caption_contrast(c: ml_collections.ConfigDict) -> None:
        "config.loss.distill, config.loss.text_pair_weight and config.loss.accum_steps.")
   need(c.loss.name == "softmax", f"config.loss.caption_contrast uses the softmax "
        f"loss (InfoNCE, as LLM2Vec / LLM2CLIP); config.loss.name={c.loss.name!r}.")
+
+
+def _validate_moe(c: ml_collections.ConfigDict) -> None:
+  """config.model.{image,text}.moe and what MoE towers do not support yet."""
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(msg)
+
+  any_moe = False
+  for tower in ("image", "text"):
+    m, key = c.model[tower].moe, f"config.model.{tower}.moe"
+    need(m.experts >= 0, f"{key}.experts={m.experts} must be >= 0 (0 = dense).")
+    if not m.experts:
+      continue
+    any_moe = True
+    need(1 <= m.top_k <= m.experts, f"{key}.top_k={m.top_k} must be in [1, {key}.experts="
+         f"{m.experts}].")
+    need(1 <= m.every_n_layers <= c.model[tower].depth, f"{key}.every_n_layers="
+         f"{m.every_n_layers} must be in [1, depth={c.model[tower].depth}].")
+    need(not c.model.scan_layers or m.every_n_layers == 1,
+         f"{key}.every_n_layers={m.every_n_layers} with config.model.scan_layers=True: a "
+         "scanned stack has one block type; use every_n_layers=1 or scan_layers=False.")
+    need(m.capacity_factor >= 0, f"{key}.capacity_factor={m.capacity_factor} must be >= 0 "
+         "(0 = dropless).")
+    for name in ("router_z_loss", "load_balance", "upcycle_noise"):
+      need(m[name] >= 0, f"{key}.{name}={m[name]} must be >= 0.")
+    expert_axis = c.mesh.expert
+    need(expert_axis <= 1 or m.experts % expert_axis == 0,
+         f"{key}.experts={m.experts} is not divisible by config.mesh.expert={expert_axis}; "
+         "use a multiple of the expert axis.")
+  need(c.model.text.kind == "clip" or not c.model.text.moe.experts,
+       "config.model.text.moe.experts needs config.model.text.kind='clip' (LLM towers have "
+       "no MoE MLPs).")
+  need(not any_moe or c.loss.accum_steps == 1,
+       f"config.loss.accum_steps={c.loss.accum_steps} (gradient cache) with MoE towers is not "
+       "supported yet (the router losses would be dropped); use optim.grad_accum_steps.")
 
 
 def _validate_long_captions(c: ml_collections.ConfigDict) -> None:
@@ -497,13 +547,13 @@ def validate_llm(llm: ml_collections.ConfigDict) -> None:
 
 def validate_for_mesh(config: ml_collections.ConfigDict, data_parallel: int,
                       process_count: int) -> None:
-  """Batch sizes that the mesh (data x fsdp devices) and the hosts can split evenly."""
+  """Batch sizes that the mesh (data x fsdp x expert devices) and the hosts can split evenly."""
   micro = config.data.global_batch // config.optim.grad_accum_steps
   if micro % data_parallel:
     raise ConfigError(
         f"config.data.global_batch={config.data.global_batch} (micro-batch {micro} with "
         f"grad_accum_steps={config.optim.grad_accum_steps}) is not divisible by the "
-        f"data-parallel size {data_parallel} (mesh data x fsdp); use a multiple of "
+        f"data-parallel size {data_parallel} (mesh data x fsdp x expert); use a multiple of "
         f"{data_parallel}.")
   # Batch accumulation: every micro-batch is still split over all data-parallel devices.
   loss_micro = config.data.global_batch // config.loss.accum_steps
@@ -511,13 +561,13 @@ def validate_for_mesh(config: ml_collections.ConfigDict, data_parallel: int,
     raise ConfigError(
         f"config.data.global_batch={config.data.global_batch} / config.loss.accum_steps="
         f"{config.loss.accum_steps} = {loss_micro} examples per micro-batch is not "
-        f"divisible by the data-parallel size {data_parallel} (mesh data x fsdp); use a "
+        f"divisible by the data-parallel size {data_parallel} (mesh data x fsdp x expert); use a "
         f"global batch that is a multiple of {config.loss.accum_steps * data_parallel}.")
   group_size = config.loss.group_size
   if group_size and data_parallel % group_size:
     raise ConfigError(
         f"config.loss.group_size={group_size} does not divide the data-parallel size "
-        f"{data_parallel} (mesh data x fsdp); use a divisor of {data_parallel}, or 0 for "
+        f"{data_parallel} (mesh data x fsdp x expert); use a divisor of {data_parallel}, or 0 for "
         "all devices.")
   if config.data.global_batch % process_count:
     raise ConfigError(f"config.data.global_batch={config.data.global_batch} is not divisible "

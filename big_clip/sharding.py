@@ -2,7 +2,12 @@
 
 Only this file and `big_clip/losses/` know about the mesh. Models name their axes logically
 (MaxText style): weights use bare names (`embed`, `mlp`, `heads`, `kv`, `vocab`), activations
-use `activation_*` names; `RULES` maps both onto the mesh axes `data`, `fsdp`, `tensor`.
+use `activation_*` names; `RULES` maps both onto the mesh axes `data`, `fsdp`, `tensor`,
+`expert`.
+
+`expert` shards the experts of mixture-of-experts MLPs (models/moe.py). Like MaxText's, it is
+also a data axis: the batch is split over it too, so outside the expert MLPs (attention, dense
+MLPs, the loss) it adds data parallelism, and without MoE layers `expert=k` is `data=k`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ from tqdm import tqdm
 
 from big_clip.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# `expert` is last: a mesh given as (data, fsdp, tensor) sizes keeps its meaning.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # The batch is split over every data-parallel axis; FSDP is data parallelism whose
-# parameters are also sharded.
-BATCH_AXES = ("data", "fsdp")
+# parameters are also sharded; `expert` is data parallelism whose MoE experts are sharded.
+BATCH_AXES = ("data", "fsdp", "expert")
+# Inside an MoE layer the tokens are exchanged so that each device holds its experts' tokens
+# (GShard): the expert dimension goes to `expert`, the batch keeps the other data axes.
+BATCH_AXES_NO_EXPERT = ("data", "fsdp")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 RULES: tuple[tuple[str, Any], ...] = (
@@ -42,6 +51,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),  # flattened patch pixels of the patch embedding
     ("length", None),  # positions of a position table
     ("layers", None),  # the stacked-layers axis of nnx.scan
+    ("expert", "expert"),  # the leading axis of MoE expert weights
     # Activations.
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
@@ -51,6 +61,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("activation_kv", None),
     ("activation_kv_heads", "tensor"),
     ("activation_vocab", "tensor"),
+    ("activation_exp", "expert"),  # tokens grouped by expert inside an MoE layer
+    ("activation_batch_no_exp", BATCH_AXES_NO_EXPERT),
 )
 
 
@@ -59,7 +71,7 @@ class MeshError(UserError, ValueError):
 
 
 def mesh_shape(requested: Mapping[str, int], device_count: int) -> dict[str, int]:
-  """Resolves `{data: -1, fsdp: 1, tensor: 1}` against `device_count` (-1 = the rest)."""
+  """Resolves `{data: -1, fsdp: 1, tensor: 1, expert: 1}` against `device_count` (-1 = the rest)."""
   unknown = set(requested) - set(MESH_AXES)
   if unknown:
     raise MeshError(f"config.mesh has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}.")
@@ -85,7 +97,8 @@ def mesh_shape(requested: Mapping[str, int], device_count: int) -> dict[str, int
 
 
 def make_mesh(requested: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over all (or the given) devices with axes data, fsdp, tensor (GSPMD / Auto)."""
+  """A mesh over all (or the given) devices with axes `MESH_AXES` (GSPMD / Auto); axes the
+  request leaves out have size 1."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(requested, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
@@ -98,7 +111,7 @@ def make_mesh(requested: Mapping[str, int], devices: Sequence[jax.Device] | None
 
 def mesh_from_config(mesh_cfg: Mapping[str, Any]) -> Mesh:
   """The mesh of `config.mesh` over all devices."""
-  return make_mesh({a: mesh_cfg[a] for a in MESH_AXES})
+  return make_mesh({a: mesh_cfg[a] for a in MESH_AXES if a in mesh_cfg})
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -208,7 +221,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over data and fsdp, the rest replicated."""
+  """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 

@@ -25,7 +25,7 @@ from flax import nnx
 from big_clip import checkpoints, losses, optim, sharding
 from big_clip.errors import UserError
 from big_clip.losses import auxiliary, caption_contrast, grad_cache
-from big_clip.models import llm, two_tower, vit
+from big_clip.models import llm, moe, two_tower, vit
 
 # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'} and, with
 # config.optim.ema_decay > 0, 'ema': the moving average of the trainable part of 'params'.
@@ -66,12 +66,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       loss, parts = caption_contrast.loss(model.text, batch, scale, mesh=mesh,
                                           mntp_weight=mntp_weight)
       return loss, (scale, bias, parts)
-    img_emb, txt_emb = model(batch["image"], batch["text"], batch.get("patch_noise"))
+    img_emb, txt_emb, moe_stats = model.forward(batch["image"], batch["text"],
+                                                batch.get("patch_noise"))
     scale, bias = model.scale_and_bias()
     loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
     parts = {}  # the terms of a composite loss, logged as metrics
     if extra_terms is not None:
       loss, parts = extra_terms(loss, model, batch, img_emb, txt_emb, scale, bias, mesh=mesh)
+    if moe_stats:  # router losses of MoE towers (Switch load balance, ST-MoE z-loss)
+      moe_loss, moe_logs = moe.aux_loss(moe_stats, config.model)
+      loss, parts = loss + moe_loss, {**parts, **moe_logs}
     return loss, (scale, bias, parts)
 
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)

@@ -275,6 +275,11 @@ def test_settings_a_target_cannot_represent_are_named():
   for to, target in ((pretrained.to_hf, "CLIPModel"), (pretrained.to_open_clip, "open_clip")):
     with pytest.raises(pretrained.ExportError, match=rf"{target}: .*image\.stem='conv'"):
       to(random_params(conv), conv, "/nonexistent")
+  moe = tiny_config("clip")
+  moe.model.text.moe.experts = 2
+  for to, target in ((pretrained.to_hf, "CLIPModel"), (pretrained.to_open_clip, "open_clip")):
+    with pytest.raises(pretrained.ExportError, match=rf"{target}: .*text\.moe\.experts=2"):
+      to(random_params(moe), moe, "/nonexistent")
 
 
 # ---------------------------------------------------------------------------------------------

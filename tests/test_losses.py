@@ -230,7 +230,7 @@ def test_invalid_inputs_raise_value_errors_naming_the_problem(loss_name, img, tx
 
 def test_mesh_without_batch_axes_is_rejected():
   mesh = Mesh(np.asarray(jax.devices()), ("batch",))
-  with pytest.raises(ValueError, match=r"lacks the batch axes \['data', 'fsdp'\]"):
+  with pytest.raises(ValueError, match=r"lacks the batch axes \['data', 'fsdp', 'expert'\]"):
     softmax.loss(IMG, TXT, SCALE, mesh=mesh)
 
 

@@ -11,9 +11,11 @@ from big_clip import sharding
 
 def test_minus_one_takes_the_remaining_devices():
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == {
-      "data": 4, "fsdp": 2, "tensor": 1}
+      "data": 4, "fsdp": 2, "tensor": 1, "expert": 1}
   assert sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == {
-      "data": 2, "fsdp": 2, "tensor": 2}
+      "data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+  assert sharding.mesh_shape({"data": 2, "expert": -1}, 8) == {
+      "data": 2, "fsdp": 1, "tensor": 1, "expert": 4}
 
 
 @pytest.mark.parametrize("req, match", [
@@ -29,14 +31,20 @@ def test_a_mesh_that_does_not_fit_the_devices_is_named(req, match):
 
 def test_make_mesh_uses_all_devices_with_named_axes():
   mesh = sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
-  assert mesh.axis_names == ("data", "fsdp", "tensor")
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert mesh.axis_names == ("data", "fsdp", "tensor", "expert")
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
   assert sharding.data_parallel_size(mesh) == 4
+
+
+def test_the_expert_axis_is_also_a_data_axis():
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  assert sharding.data_parallel_size(mesh) == 8
+  assert sharding.logical_to_mesh(("expert", "embed", "mlp")) == P("expert", "fsdp", "tensor")
 
 
 def test_logical_rules_map_weights_and_activations():
   assert sharding.logical_to_mesh(("embed", "mlp")) == P("fsdp", "tensor")
-  assert sharding.logical_to_mesh(("activation_batch", None)) == P(("data", "fsdp"), None)
+  assert sharding.logical_to_mesh(("activation_batch", None)) == P(("data", "fsdp", "expert"), None)
   with pytest.raises(KeyError, match="no rule"):
     sharding.logical_to_mesh(("embedd",))
 

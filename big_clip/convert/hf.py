@@ -96,6 +96,8 @@ def check_exportable(m: Any, kind: str) -> None:
          "bidirectional; set text.causal=False")
     need(proj_bias, "text.proj_bias=False",
          "SigLIP's text head has a bias; set text.proj_bias=True")
+  for setting in tables.moe_settings(m):
+    need(False, setting, "the HF towers have dense MLPs; MoE towers do not export")
   if bad:
     raise ExportError(f"Not exportable to transformers {ARCHITECTURES[kind]}: "
                       + "; ".join(bad) + ".")

@@ -48,6 +48,8 @@ def check_exportable(m: Any) -> None:
     if int(t.width * (t.mlp_dim / t.width)) != t.mlp_dim:
       bad.append(f"config.model.{tower}.mlp_dim={t.mlp_dim} (open_clip's int(width * mlp_ratio) "
                  "does not reproduce it)")
+  bad += [f"{setting} (open_clip's towers have dense MLPs; MoE towers do not export)"
+          for setting in tables.moe_settings(m)]
   if bad:
     raise ExportError("Not exportable to open_clip: " + "; ".join(bad) + ".")
 

@@ -36,6 +36,14 @@ def setting(c: Any, key: str, default: Any) -> Any:
   return c.get(key, default)
 
 
+def moe_settings(m: Any) -> list[str]:
+  """`config.model.<tower>.moe.experts=N` for each tower with mixture-of-experts MLPs: HF
+  CLIPModel / SiglipModel and open_clip have dense MLPs only, so these do not export."""
+  return [f"config.model.{tower}.moe.experts={m[tower].moe.experts}"
+          for tower in ("image", "text")
+          if "moe" in m[tower] and int(m[tower].moe.experts) > 0]
+
+
 # ------------------------------------------------------------------------------ Transforms.
 def copy(ours: str, theirs: str) -> Entry:
   return Entry((ours,), theirs, lambda x: x, lambda t: (t,))

@@ -2,7 +2,7 @@
 "M2-Encoder: Advancing Bilingual Image-Text Understanding by Large-scale Efficient
 Pretraining", arXiv 2401.15896).
 
-The devices on the batch axes (data x fsdp, in mesh order) form groups of `group_size`
+The devices on the batch axes (data x fsdp x expert, in that order) form groups of `group_size`
 consecutive devices. Embeddings are exchanged only inside a group, each group computes
 the contrastive loss of its own `group_size * B_local` examples, and the step loss is the
 mean over groups. Communication per device drops from O(B_global x D) to
@@ -33,7 +33,7 @@ def loss(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
     img_emb, txt_emb: `[B, D]` L2-normalized embeddings, batch split over ('data', 'fsdp').
     scale, bias: scalar logit scale and bias (bias required for base='sigmoid').
     mesh: the device mesh, or None for one device (then the only group is the batch).
-    group_size: data-parallel devices per group; must divide data x fsdp. None = all.
+    group_size: data-parallel devices per group; must divide data x fsdp x expert. None = all.
     base: 'softmax' (CLIP) or 'sigmoid' (SigLIP), the loss computed inside each group.
 
   Returns:

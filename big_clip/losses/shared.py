@@ -47,7 +47,7 @@ def check_inputs(loss_name: str, img_emb: jax.Array, txt_emb: jax.Array, scale: 
     raise ValueError(
         f"{loss_name} loss: the global batch {global_batch} is not divisible by the "
         f"data-parallel size {n_shards} (mesh data={mesh.shape['data']} x "
-        f"fsdp={mesh.shape['fsdp']}); make the batch size a multiple of {n_shards}.")
+        f"fsdp={mesh.shape['fsdp']} x expert={mesh.shape['expert']}); make the batch size a multiple of {n_shards}.")
 
 
 def as_float32(img_emb: jax.Array, txt_emb: jax.Array, scale: jax.Array,
@@ -131,7 +131,7 @@ def exchange_groups(data_parallel: int, group_size: int | None
   if group_size < 1 or data_parallel % group_size:
     raise ValueError(
         f"config.loss.group_size={group_size} must divide the {data_parallel} data-parallel "
-        f"devices (mesh data x fsdp); use a divisor of {data_parallel}, or 0 for all.")
+        f"devices (mesh data x fsdp x expert); use a divisor of {data_parallel}, or 0 for all.")
   return tuple(tuple(range(start, start + group_size))
                for start in range(0, data_parallel, group_size))
 

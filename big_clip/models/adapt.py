@@ -23,7 +23,7 @@ from flax import nnx
 from big_clip import checkpoints, fileio, sharding
 from big_clip import config as config_lib
 from big_clip import workdir as workdir_lib
-from big_clip.models import layers, text, two_tower
+from big_clip.models import layers, moe, text, two_tower
 from big_clip.errors import UserError
 
 BIG_CLIP_PREFIX = "big_clip:"
@@ -144,8 +144,10 @@ def check_architecture(derived: Mapping[str, Any], model: Any, source: str,
                        prefix: str = "config.model") -> None:
   """Settings of `model` (the user's config) that differ from the checkpoint's `derived`
   values: a different function even where every tensor shape matches."""
+  # moe: a dense run is upcycled into an MoE model (`upcycle`); the tensor shapes check the
+  # rest (an MoE run of another expert count does not load).
   skip = {"max_len", "logit_scale_init", "logit_bias_init", "logit_scale_max", "pad_id",
-          "dtype", "param_dtype", "remat", "scan_layers"}
+          "dtype", "param_dtype", "remat", "scan_layers", "moe"}
   for key, want in derived.items():
     if key in skip or (key == "eos_id" and derived.get("pool") != "eos") or key not in model:
       continue
@@ -189,14 +191,10 @@ def check_same_tokenizer(workdir: str, tokenizer_path: str) -> None:
                      f"Set config.data.tokenizer.path={source!r}.")
 
 
-def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
-                  ) -> tuple[int, dict[str, Any]]:
-  """(step, params) of another run, `spec` = 'big_clip:WORKDIR[:STEP]', fitted to `model_cfg`
-  by `import_params` (NumPy, the model's layout); the run's weight EMA where it kept one.
-
-  Checks, in order: the tokenizer file is the same (when `tokenizer_path` is given), the
-  run's architecture settings equal `model_cfg`'s, every tensor fits.
-  """
+def _read_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None
+                   ) -> tuple[int, dict[str, np.ndarray], str]:
+  """(step, per-layer flat params, workdir) of the run `spec` (its weight EMA where it kept
+  one), after the tokenizer and architecture checks."""
   workdir, step = parse_big_clip_spec(spec)
   run = run_config(workdir)
   if run.loss.caption_contrast:  # its image tower and adapter were never trained
@@ -209,9 +207,79 @@ def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
   check_architecture(run.model.to_dict(), model_cfg, workdir)
   step, flat = checkpoints.read_params(workdir_lib.checkpoints_dir(workdir), step)
   per_layer_flat = per_layer(_as_dotted(flat))
-  params = import_params(per_layer_flat, model_cfg, source=f"{workdir} checkpoint {step}")
   logging.info("Loaded %d tensors of step %d from %s.", len(per_layer_flat), step, workdir)
+  return step, per_layer_flat, workdir
+
+
+def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
+                  ) -> tuple[int, dict[str, Any]]:
+  """(step, params) of another run, `spec` = 'big_clip:WORKDIR[:STEP]', fitted to `model_cfg`
+  by `import_params` (NumPy, the model's layout); the run's weight EMA where it kept one. A
+  dense run read into a model with MoE
+  layers is upcycled (`upcycle`); several runs 'big_clip:A,big_clip:B,...' are assembled
+  into the experts (`assemble_experts`).
+
+  Checks, in order: the tokenizer file is the same (when `tokenizer_path` is given), the
+  run's architecture settings equal `model_cfg`'s, every tensor fits.
+  """
+  runs = [_read_big_clip(one, model_cfg, tokenizer_path) for one in spec.split(",")]
+  step, flat, workdir = runs[0]
+  if len(runs) > 1 or needs_upcycling(flat, model_cfg):
+    flat = assemble_experts([r[1] for r in runs], model_cfg)
+  params = import_params(flat, model_cfg, source=f"{workdir} checkpoint {step}")
   return step, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense MLPs -> MoE experts (sparse upcycling; CLIP-MoE's diversified multiplet).
+# ---------------------------------------------------------------------------------------------
+def _expected_per_layer(model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  return per_layer(abstract_flat(model_cfg),
+                   take=lambda a, i: jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
+
+
+def _is_expert_tensor(path: str, shape: tuple[int, ...], dense_shape: tuple[int, ...]) -> bool:
+  """An MoE expert weight (`....mlp.fc1.kernel` [E, ...]) whose dense twin has `dense_shape`."""
+  return ".mlp.fc" in path and tuple(shape[1:]) == tuple(dense_shape)
+
+
+def needs_upcycling(flat: Mapping[str, Any], model_cfg: Any) -> bool:
+  """Whether `flat` has dense MLPs where `model_cfg` has MoE layers."""
+  return any(path in flat and _is_expert_tensor(path, want.shape, np.shape(flat[path]))
+             for path, want in _expected_per_layer(model_cfg).items())
+
+
+def assemble_experts(runs: list[Mapping[str, np.ndarray]], model_cfg: Any, seed: int = 0
+                     ) -> dict[str, np.ndarray]:
+  """Per-layer params of N dense runs -> those of the MoE model `model_cfg`.
+
+  Expert e of an MoE layer is the dense MLP of run `e % N` (sparse upcycling, Komatsuzaki
+  et al. 2023, with N = 1; CLIP-MoE's diversified multiplet, Zhang et al. 2024, with N runs
+  fine-tuned on different data clusters), plus `moe.upcycle_noise * std(tensor)` Gaussian
+  noise; every other tensor comes from the first run. Routers start small and random
+  (`moe.ROUTER_SCALE`): with gates renormalized over the top k, identical experts give the
+  dense model's outputs whatever the routing.
+  """
+  counts = [model_cfg[t].moe.experts for t in ("image", "text") if "moe" in model_cfg[t]]
+  if len(runs) > max(counts, default=0):
+    raise ImportMismatchError(
+        f"{len(runs)} runs to assemble into experts, but config.model.image.moe.experts / "
+        f"text.moe.experts are {counts}; set experts >= {len(runs)} (each expert comes from "
+        "one run).")
+  rng = np.random.default_rng(seed)
+  out = dict(runs[0])
+  for path, want in _expected_per_layer(model_cfg).items():
+    tower = path.split(".")[0]
+    if path.endswith(".mlp.router") and path not in out:
+      out[path] = rng.normal(0.0, (moe.ROUTER_SCALE / want.shape[0]) ** 0.5, want.shape)
+    elif path in out and _is_expert_tensor(path, want.shape, np.shape(out[path])):
+      dense = [np.asarray(r[path], np.float32) for r in runs]
+      experts = np.stack([dense[e % len(dense)] for e in range(want.shape[0])])
+      noise = float(model_cfg[tower].moe.upcycle_noise)
+      if noise:
+        experts = experts + noise * experts.std() * rng.standard_normal(experts.shape)
+      out[path] = experts
+  return out
 
 
 def read_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None,

@@ -258,51 +258,76 @@ class Attention(nnx.Module):
     return self.out(y.reshape(x.shape[:2] + (-1,)))
 
 
-class Block(nnx.Module):
-  """Pre-LN residual block (CLIP): x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+# (layer index, rngs) -> the MLP of that block, or None for the dense MLP (models/moe.py).
+MlpFactory = Callable[[int, nnx.Rngs], nnx.Module | None]
 
-  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+
+class Block(nnx.Module):
+  """Pre-LN residual block (CLIP): x + attn(ln_1(x)); x + mlp(ln_2(x)).
+
+  `mlp` replaces the dense MLP (an MoE MLP with `with_stats(x) -> (y, routing stats)`)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs,
+               mlp: Callable[[nnx.Rngs], nnx.Module | None] | None = None):
     self.ln_1 = LayerNorm(cfg.width, cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.ln_2 = LayerNorm(cfg.width, cfg)
-    self.mlp = MLP(cfg, rngs=rngs)
+    custom = None if mlp is None else mlp(rngs)
+    self.mlp = MLP(cfg, rngs=rngs) if custom is None else custom
 
-  def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, causal: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """-> (x, routing statistics of an MoE MLP, {} for the dense one)."""
     x = x + self.attn(self.ln_1(x), causal=causal)
-    x = x + self.mlp(self.ln_2(x))
-    return sharding.constrain(x, ACT_EMBED)
+    if isinstance(self.mlp, MLP):
+      y, stats = self.mlp(self.ln_2(x)), {}
+    else:
+      y, stats = self.mlp.with_stats(self.ln_2(x))
+    return sharding.constrain(x + y, ACT_EMBED), stats
 
 
-def make_blocks(cfg: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.List | Block:
+def make_blocks(cfg: TransformerConfig, *, rngs: nnx.Rngs,
+                mlp: MlpFactory | None = None) -> nnx.List | Block:
   """`cfg.depth` blocks: an nnx.List (`blocks.<i>.…`), or with `scan_layers` one Block whose
-  params are stacked on a leading axis named 'layers' (`blocks.…`, shape `[depth, …]`)."""
+  params are stacked on a leading axis named 'layers' (`blocks.…`, shape `[depth, …]`).
+  `mlp(i, rngs)` gives block i's MLP (None: dense); a scanned stack has one block type."""
+  def block_mlp(i: int) -> Callable[[nnx.Rngs], nnx.Module | None] | None:
+    return None if mlp is None else (lambda r: mlp(i, r))
+
   if not cfg.scan_layers:
-    return nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    return nnx.List([Block(cfg, rngs=rngs, mlp=block_mlp(i)) for i in range(cfg.depth)])
 
   @nnx.split_rngs(splits=cfg.depth)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS_METADATA)
   def stacked(rngs: nnx.Rngs) -> Block:
-    return Block(cfg, rngs=rngs)
+    return Block(cfg, rngs=rngs, mlp=block_mlp(0))
 
   return stacked(rngs)
 
 
 def apply_blocks(blocks: nnx.List | Block, x: jax.Array, *, remat: bool,
-                 causal: bool = False) -> jax.Array:
-  """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass."""
-  def step(block: Block, x: jax.Array) -> jax.Array:
+                 causal: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass.
+  Returns the tokens and the MoE layers' routing statistics averaged over those layers
+  ({} without MoE layers)."""
+  def step(block: Block, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     return block(x, causal)
 
   if remat:
     step = nnx.remat(step)
   if isinstance(blocks, Block):  # scanned: one compiled body, weights sliced per layer
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=LAYERS_METADATA)
-    def body(x: jax.Array, block: Block) -> jax.Array:
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+              transform_metadata=LAYERS_METADATA)
+    def body(x: jax.Array, block: Block) -> tuple[jax.Array, dict[str, jax.Array]]:
       return step(block, x)
-    return body(x, blocks)
+    x, stats = body(x, blocks)
+    return x, jax.tree.map(lambda s: s.mean(0), stats)
+  per_layer = []
   for block in blocks:
-    x = step(block, x)
-  return x
+    x, stats = step(block, x)
+    if stats:
+      per_layer.append(stats)
+  return x, (jax.tree.map(lambda *s: sum(s) / len(s), *per_layer) if per_layer else {})
 
 
 def _blocks_index(path: tuple[Any, ...]) -> int | None:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from big_clip import sharding
-from big_clip.models import layers
+from big_clip.models import layers, moe
 
 POOLS = ("eos", "last", "argmax", "final")
 LONG_CLIP_KEEP = 20  # Long-CLIP §3.1: the first 20 positions are kept as trained
@@ -109,13 +109,18 @@ class TextTransformer(nnx.Module):
     self.positional_embedding = layers.param(rngs, nnx.initializers.normal(0.01),
                                              (self.max_len, w), ("length", "embed"),
                                              cfg.param_dtype)
-    self.blocks = layers.make_blocks(cfg, rngs=rngs)
+    self.blocks = layers.make_blocks(
+        cfg, rngs=rngs, mlp=moe.mlp_factory(cfg, moe.MoeConfig.from_config(model_cfg, "text")))
     self.ln_final = layers.LayerNorm(w, cfg)
     # SigLIP's text head has a bias (`text.proj_bias=True`); CLIP's projection has none.
     self.proj = layers.dense(w, int(model_cfg.embed_dim), ("embed", "joint"), std=w ** -0.5,
                              cfg=cfg, rngs=rngs, use_bias=bool(c.proj_bias))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self.forward(tokens)[0]
+
+  def forward(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """As `__call__`, and the MoE layers' routing statistics ({} without MoE)."""
     chex.assert_rank(tokens, 2)
     length = tokens.shape[1]
     if length > self.max_len:
@@ -128,8 +133,8 @@ class TextTransformer(nnx.Module):
       positions = jnp.concatenate([jax.lax.stop_gradient(positions[:n]), positions[n:]])
     x = self.token_embedding(tokens) + positions.astype(self.cfg.dtype)
     x = sharding.constrain(x, layers.ACT_EMBED)
-    x = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat, causal=self.causal)
+    x, stats = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat, causal=self.causal)
     # LayerNorm is per token, so pooling before ln_final equals CLIP's ln_final-then-pool.
     idx = pool_index(tokens, self.pool, eos_id=self.eos_id, pad_id=self.pad_id)
     pooled = self.ln_final(layers.take_positions(x, idx))
-    return self.proj(pooled).astype(jnp.float32)
+    return self.proj(pooled).astype(jnp.float32), stats

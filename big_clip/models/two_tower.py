@@ -63,7 +63,23 @@ class TwoTower(nnx.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array,
                patch_noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    return self.encode_image(images, patch_noise), self.encode_text(tokens)
+    return self.forward(images, tokens, patch_noise)[:2]
+
+  def forward(self, images: jax.Array, tokens: jax.Array,
+              patch_noise: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array, dict[str, dict[str, jax.Array]]]:
+    """(image embeddings, text embeddings, {tower: MoE routing statistics}) for training:
+    a tower without MoE layers has no entry (models/moe.py `aux_loss` weighs them)."""
+    img, img_stats = self.image.forward(images, patch_noise)
+    if isinstance(self.text, text.TextTransformer):
+      txt, txt_stats = self.text.forward(tokens)
+    else:
+      txt, txt_stats = self.text(tokens), {}
+    img_emb, txt_emb = l2_normalize(img), l2_normalize(txt)
+    chex.assert_shape(img_emb, (images.shape[0], self.embed_dim))
+    chex.assert_shape(txt_emb, (tokens.shape[0], self.embed_dim))
+    stats = {name: s for name, s in (("image", img_stats), ("text", txt_stats)) if s}
+    return img_emb, txt_emb, stats
 
   def scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
     """(exp(logit_scale), logit_bias) as float32 scalars. The cap logit_scale_max is kept

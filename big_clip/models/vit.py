@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from big_clip import sharding
-from big_clip.models import layers
+from big_clip.models import layers, moe
 
 POOLS = ("cls", "map", "gap")
 STEMS = ("patch", "conv")
@@ -177,7 +177,8 @@ class ViT(nnx.Module):
     self.use_ln_pre = bool(c.ln_pre)
     if self.use_ln_pre:
       self.ln_pre = layers.LayerNorm(w, cfg)
-    self.blocks = layers.make_blocks(cfg, rngs=rngs)
+    self.blocks = layers.make_blocks(
+        cfg, rngs=rngs, mlp=moe.mlp_factory(cfg, moe.MoeConfig.from_config(model_cfg, "image")))
     self.ln_post = layers.LayerNorm(w, cfg)
     if self.pool == "map":
       self.head = MAPHead(cfg, rngs=rngs)
@@ -193,7 +194,12 @@ class ViT(nnx.Module):
 
   def __call__(self, images: jax.Array, patch_noise: jax.Array | None = None) -> jax.Array:
     """`patch_noise` [B, N] uniform draws turn on patch dropout (training only)."""
-    return self.encode_tokens(self.drop(self.embed(images), patch_noise))
+    return self.forward(images, patch_noise)[0]
+
+  def forward(self, images: jax.Array, patch_noise: jax.Array | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """As `__call__`, and the MoE layers' routing statistics ({} without MoE)."""
+    return self.encode_tokens_with_stats(self.drop(self.embed(images), patch_noise))
 
   def drop(self, x: jax.Array, patch_noise: jax.Array | None) -> jax.Array:
     """FLIP patch dropout of `embed`'s tokens; identity without noise or at rate 0."""
@@ -220,13 +226,16 @@ class ViT(nnx.Module):
 
   def encode_tokens(self, x: jax.Array) -> jax.Array:
     """Tokens [B, T', W] (all or the kept ones) -> unnormalized float32 [B, embed_dim]."""
+    return self.encode_tokens_with_stats(x)[0]
+
+  def encode_tokens_with_stats(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     if self.use_ln_pre:
       x = self.ln_pre(x)
-    x = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat)
+    x, stats = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat)
     if self.pool == "cls":  # CLIP: ln_post on the class token
       pooled = self.ln_post(x[:, 0])
     elif self.pool == "gap":  # mean of the patch tokens, then ln_post
       pooled = self.ln_post(x.astype(jnp.float32).mean(axis=1))
     else:  # SigLIP (HF SiglipVisionTransformer): post-LN on all tokens, then the MAP head
       pooled = self.head(self.ln_post(x))
-    return (self.proj(pooled) if self.use_proj else pooled).astype(jnp.float32)
+    return (self.proj(pooled) if self.use_proj else pooled).astype(jnp.float32), stats
