@@ -159,20 +159,24 @@ class MLP(nnx.Module):
     return self.fc2(ACTIVATIONS[self.activation](h))
 
 
-def _attention_probs(q: jax.Array, k: jax.Array, causal: bool) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) in float32: q [B, T, N, D], k [B, S, N, D] -> [B, N, T, S]."""
+def _attention_probs(q: jax.Array, k: jax.Array, causal: bool,
+                     kv_mask: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) in float32: q [B, T, N, D], k [B, S, N, D] -> [B, N, T, S].
+  `kv_mask` [B, S] bool: keys that may be attended to (NaFlex padding is False)."""
   logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
   logits = logits * q.shape[-1] ** -0.5
   if causal:
     t, s = logits.shape[-2:]
     allowed = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  if kv_mask is not None:
+    logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits, axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False
-                     ) -> jax.Array:
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
+                     kv_mask: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1), heads kept in place:
   q [B, T, N, D], k and v [B, S, N, D] -> [B, T, N, D], as jax.nn.dot_product_attention.
 
@@ -182,25 +186,26 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Fa
   No kernel library is needed, so it runs on any backend; on GPU/TPU
   jax.nn.dot_product_attention has fused kernels ('auto' picks it there).
   """
-  return _einsum_attention_fwd(q, k, v, causal)[0]
+  return _einsum_attention_fwd(q, k, v, causal, kv_mask)[0]
 
 
-def _einsum_attention_fwd(q, k, v, causal):
-  probs = _attention_probs(q, k, causal)
+def _einsum_attention_fwd(q, k, v, causal, kv_mask):
+  probs = _attention_probs(q, k, causal, kv_mask)
   out = jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
-  return out, (q, k, v, probs)
+  return out, (q, k, v, probs, kv_mask)
 
 
 def _einsum_attention_bwd(causal, residuals, d_out):
   del causal  # masked entries have P = 0, so their dS is 0 too
-  q, k, v, probs = residuals
+  q, k, v, probs, kv_mask = residuals
   d_v = jnp.einsum("bnts,btnd->bsnd", probs.astype(d_out.dtype), d_out)
   d_probs = jnp.einsum("btnd,bsnd->bnts", d_out, v, preferred_element_type=jnp.float32)
   d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
   d_logits = (d_logits * q.shape[-1] ** -0.5).astype(q.dtype)
   d_q = jnp.einsum("bnts,bsnd->btnd", d_logits, k)
   d_k = jnp.einsum("bnts,btnd->bsnd", d_logits, q)
-  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+  d_mask = None if kv_mask is None else np.zeros(kv_mask.shape, jax.dtypes.float0)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_mask
 
 
 einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
@@ -224,8 +229,9 @@ class Attention(nnx.Module):
     self.impl = cfg.attention
 
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
-               causal: bool = False) -> jax.Array:
-    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`)."""
+               causal: bool = False, kv_mask: jax.Array | None = None) -> jax.Array:
+    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`);
+    `kv_mask` [B, S] bool leaves out the keys marked False (NaFlex padding)."""
     kv = x if kv is None else kv
 
     def split_heads(y):  # [B, T, W] -> [B, T, heads, head_dim]
@@ -241,9 +247,10 @@ class Attention(nnx.Module):
     else:
       q, k, v = split_heads(self.q(x)), split_heads(self.k(kv)), split_heads(self.v(kv))
     if self.impl == "einsum":
-      y = einsum_attention(q, k, v, causal)
+      y = einsum_attention(q, k, v, causal, kv_mask)
     else:  # scale head_dim^-0.5, float32 softmax; fused (cuDNN flash) where the backend has it
-      y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+      mask = None if kv_mask is None else kv_mask[:, None, None, :]
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
     return self.out(y.reshape(x.shape[:2] + (-1,)))
 
 
@@ -256,8 +263,9 @@ class Block(nnx.Module):
     self.ln_2 = LayerNorm(cfg.width, cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
-    x = x + self.attn(self.ln_1(x), causal=causal)
+  def __call__(self, x: jax.Array, causal: bool = False,
+               kv_mask: jax.Array | None = None) -> jax.Array:
+    x = x + self.attn(self.ln_1(x), causal=causal, kv_mask=kv_mask)
     x = x + self.mlp(self.ln_2(x))
     return sharding.constrain(x, ACT_EMBED)
 
@@ -277,20 +285,22 @@ def make_blocks(cfg: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.List | Block:
 
 
 def apply_blocks(blocks: nnx.List | Block, x: jax.Array, *, remat: bool,
-                 causal: bool = False) -> jax.Array:
-  """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass."""
-  def step(block: Block, x: jax.Array) -> jax.Array:
-    return block(x, causal)
+                 causal: bool = False, kv_mask: jax.Array | None = None) -> jax.Array:
+  """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass.
+  `kv_mask` [B, T] bool: tokens the others may attend to (NaFlex padding is False)."""
+  def step(block: Block, x: jax.Array, kv_mask: jax.Array | None) -> jax.Array:
+    return block(x, causal, kv_mask)
 
   if remat:
     step = nnx.remat(step)
   if isinstance(blocks, Block):  # scanned: one compiled body, weights sliced per layer
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=LAYERS_METADATA)
-    def body(x: jax.Array, block: Block) -> jax.Array:
-      return step(block, x)
-    return body(x, blocks)
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry,
+              transform_metadata=LAYERS_METADATA)
+    def body(x: jax.Array, block: Block, kv_mask: jax.Array | None) -> jax.Array:
+      return step(block, x, kv_mask)
+    return body(x, blocks, kv_mask)
   for block in blocks:
-    x = step(block, x)
+    x = step(block, x, kv_mask)
   return x
 
 
