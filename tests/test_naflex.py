@@ -146,3 +146,42 @@ def test_naflex_config_mismatch_names_both_keys():
   c.model.image.update(naflex=True, pool="map")
   with pytest.raises(config_lib.ConfigError, match="max_patches"):
     config_lib.validate(c)
+
+
+def test_export_is_a_transformers_siglip2_model_with_equal_outputs_on_any_aspect_ratio(
+    tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from test_export import SIGLIP_TOKENS, big_clip_outputs, random_params, tiny_config
+  from big_clip.convert import pretrained
+
+  config = tiny_config("siglip")
+  config.model.image.update(image_size=16, naflex=True)  # a 4 x 4 position table
+  config.data.update(image_size=16, max_patches=20, patch_size=P)
+  config_lib.validate(config)
+  params = random_params(config)
+  assert pretrained.to_hf(params, config, str(tmp_path)) == "Siglip2Model"
+  model = transformers.Siglip2Model.from_pretrained(str(tmp_path)).eval()
+  rng = np.random.default_rng(4)
+  pixels = [rng.normal(size=(r * P, c * P, 3)).astype(np.float32)
+            for r, c in ((2, 9), (4, 4), (5, 3))]  # down-, un- and up-sampled tables
+  seqs = np.stack([naflex.patchify(x, P, 20) for x in pixels])
+  tokens = np.concatenate([SIGLIP_TOKENS, SIGLIP_TOKENS[:1]])
+  ours = big_clip_outputs(config, params, seqs, tokens)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                pixel_values=torch.from_numpy(seqs[..., :-2]),
+                pixel_attention_mask=torch.from_numpy(seqs[..., -2] >= 0).long(),
+                spatial_shapes=torch.tensor([[2, 9], [4, 4], [5, 3]]))
+  theirs = out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_image.numpy()
+  for name, a, b in zip(("image embeddings", "text embeddings", "logits"), ours, theirs):
+    np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
+
+
+def test_naflex_does_not_export_as_siglip_or_clip():
+  from test_export import random_params, tiny_config
+  from big_clip.convert import pretrained
+
+  config = tiny_config("clip")
+  config.model.image.update(naflex=True, pool="map")
+  with pytest.raises(pretrained.ExportError, match="image.naflex"):
+    pretrained.to_hf(random_params(config), config, "/nonexistent")
