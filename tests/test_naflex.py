@@ -185,3 +185,28 @@ def test_naflex_does_not_export_as_siglip_or_clip():
   config.model.image.update(naflex=True, pool="map")
   with pytest.raises(pretrained.ExportError, match="image.naflex"):
     pretrained.to_hf(random_params(config), config, "/nonexistent")
+
+
+def test_eval_and_api_path_embeds_whole_images_at_their_aspect_ratio():
+  """Towers.images (every evaluator, big_clip.load's encode_image, predict) on images of
+  mixed shapes that api.to_pixels leaves uncropped equals the tower on naflex.encode."""
+  from big_clip import api, sharding
+  from big_clip.evals import datasets
+  from big_clip.evals import towers as towers_lib
+
+  config = config_lib.base()
+  model = tiny_model(True)
+  config.data.update(image_size=16, max_patches=20, patch_size=P)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  towers = towers_lib.Towers.build(config, None, graphdef, mesh)
+  rng = np.random.default_rng(5)
+  raw = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in ((12, 40, 3), (30, 10, 3))]
+  pixels = [api.to_pixels(x, 16, crop=False) for x in raw]
+  assert [x.shape for x in pixels] == [x.shape for x in raw]  # not centre-cropped
+  image_set = datasets.ImageSet(["wide", "tall"], lambda i: pixels[i], 16)
+  got, ok = towers.images(params, image_set, desc=None)
+  want = encode(model, pipeline.model_images(raw, config.data))
+  assert ok.all()
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
