@@ -210,3 +210,34 @@ def test_eval_and_api_path_embeds_whole_images_at_their_aspect_ratio():
   want = encode(model, pipeline.model_images(raw, config.data))
   assert ok.all()
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+
+
+def test_file_sources_keep_the_whole_image_at_its_aspect_ratio(tmp_path):
+  import json
+  from PIL import Image
+
+  class Chars:
+    max_len = 8
+
+    def encode(self, texts):
+      return np.array([[ord(c) for c in t[:8].ljust(8, "\0")] for t in texts], np.int32)
+
+  rng = np.random.default_rng(6)
+  wide = [rng.integers(0, 256, size=(20, 60, 3), dtype=np.uint8) for _ in range(2)]
+  items = []
+  for i, x in enumerate(wide):
+    Image.fromarray(x).save(tmp_path / f"{i}.png")
+    items.append({"image": f"{i}.png", "split": "train", "captions": {"en": [f"p{i}"]}})
+  (tmp_path / "manifest.json").write_text(json.dumps({"items": items}))
+  data = config_lib.base().data
+  data.update(source=f"manifest:{tmp_path / 'manifest.json'}", global_batch=2, max_len=8,
+              crop_min_scale=1.0, max_patches=12, patch_size=P)
+  it = pipeline.make(data, 0, 1, tokenizer=Chars(), seed=0, prefetch=0)
+  batch = next(it)
+  it.close()
+  order = [int(chr(int(t[1]))) for t in batch["text"]]  # "p0" / "p1"
+  # 1:3 at 12 patches: a 2 x 6 grid of the whole (uncropped) image, resized bilinearly
+  want = pipeline.model_images([np.asarray(Image.fromarray(wide[i]).resize(
+      (6 * P, 2 * P), Image.Resampling.BILINEAR)) for i in order], data)
+  np.testing.assert_allclose(batch["image"], want, atol=1e-6)
+  assert batch["image"][0, :, -1].max() == 5 and batch["image"][0, :, -2].max() == 1
