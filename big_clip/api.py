@@ -86,8 +86,10 @@ class Model:
       images = list(images)
     images = list(images)
 
+    crop = not self.config.data.get("max_patches", 0)  # NaFlex: the whole image, any shape
+
     def load(i: int) -> np.ndarray:
-      return to_pixels(images[i], size)
+      return to_pixels(images[i], size, crop)
 
     return datasets.ImageSet([_name(x, i) for i, x in enumerate(images)], load, size)
 
@@ -179,21 +181,22 @@ def resolve_templates(templates: Sequence[str] | Mapping[str, Sequence[str]] | s
                                 "templates")
 
 
-def to_pixels(image: Any, size: int) -> np.ndarray:
+def to_pixels(image: Any, size: int, crop: bool = True) -> np.ndarray:
   """One image (path, PIL image, uint8 [H, W, 3]) -> uint8 [size, size, 3]: the eval-time
-  transform (shorter side resized bicubic, centre crop; `data.manifest`). ValueError names
-  an image that cannot be decoded."""
+  transform (shorter side resized bicubic, centre crop; `data.manifest`); with `crop=False`
+  (NaFlex models) the whole RGB image at its own size. ValueError names an image that cannot
+  be decoded."""
   if isinstance(image, (str, os.PathLike)):
     path = os.fspath(image)
     if workdir_lib.is_remote(path):
-      return manifest.read_image(path, size)
+      return manifest.read_image(path, size, crop)
     try:
       with open(path, "rb") as f:
         data = f.read()
     except OSError as e:
       raise ValueError(f"image {path!r} could not be read ({e.strerror or e}).") from e
     try:
-      return manifest.decode_image(data, size, path)
+      return manifest.decode_image(data, size, path, crop)
     except ValueError as e:  # its message speaks of manifests; say what it is here
       cause = e.__cause__ or e
       raise ValueError(f"image {path!r} could not be decoded ({type(cause).__name__}: "
@@ -202,11 +205,12 @@ def to_pixels(image: Any, size: int) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
       raise InputError(f"an image array must be uint8 [H, W, 3]; got {image.dtype} "
                        f"{list(image.shape)}.")
-    if image.shape[:2] == (size, size):
+    if image.shape[:2] == (size, size) or not crop:
       return image
     image = Image.fromarray(image)
   if isinstance(image, Image.Image):
-    return manifest.resize_center_crop(image.convert("RGB"), size)
+    rgb = image.convert("RGB")
+    return manifest.resize_center_crop(rgb, size) if crop else np.asarray(rgb, np.uint8)
   raise TypeError(f"an image must be a path, a PIL image or a uint8 array; got "
                   f"{type(image).__name__}.")
 

@@ -156,6 +156,10 @@ def base() -> ml_collections.ConfigDict:
   # unmasked tail; that step compiles a second, unmasked train step.
   c.model.image.patch_dropout = 0.0
   c.model.image.patch_dropout_until_step = 0
+  # NaFlex (SigLIP 2 §2.4.2): images keep their aspect ratio as up to data.max_patches
+  # patches (padded); the position table (image_size / patch_size square) is resized per
+  # image. Needs pool 'map' or 'gap' and data.max_patches > 0. docs/models.md.
+  c.model.image.naflex = False
   # Attention kernel: 'xla' = jax.nn.dot_product_attention (cuDNN flash on GPU, fused on
   # TPU); 'einsum' = one fused q/k/v matmul and a written-out backward
   # (layers.einsum_attention); 'auto' = 'xla' (no platform measured einsum faster)
@@ -200,6 +204,11 @@ def base() -> ml_collections.ConfigDict:
       pair_language="",
       long_caption_prob=0.0,  # P(use the 'long_captions' field when an image has one)
       shuffle_buffer=10_000,  # tfds only: seeded shuffle buffer after the file shuffle
+      # NaFlex (model.image.naflex): each image is resized at its aspect ratio to the largest
+      # patch grid with at most max_patches patches of patch_size pixels (patch_size must
+      # equal model.image.patch_size); 0 = square images of image_size (fixed resolution).
+      max_patches=0,
+      patch_size=16,
   )
   c.optim = dict(
       lr=1e-3,
@@ -257,6 +266,14 @@ def load_json(path: str, *, check: bool = True) -> ml_collections.ConfigDict:
   if check:
     validate(config)
   return config
+
+
+def image_input_shape(data_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """One example's image input: (H, W, 3) pixels, or with NaFlex (max_patches > 0) the
+  padded patch sequence (max_patches, patch_size^2 * 3 + 2: pixels, then (row, col))."""
+  if data_cfg.max_patches > 0:
+    return (int(data_cfg.max_patches), int(data_cfg.patch_size) ** 2 * 3 + 2)
+  return (int(data_cfg.image_size), int(data_cfg.image_size), 3)
 
 
 def shrink_for_local(c: ml_collections.ConfigDict) -> None:
@@ -355,6 +372,18 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.model.image.patch_dropout_until_step >= 0,
        f"config.model.image.patch_dropout_until_step={c.model.image.patch_dropout_until_step}; "
        "use 0 (mask every step) or the step at which masking stops.")
+  need(c.model.image.naflex == (c.data.max_patches > 0),
+       f"config.model.image.naflex={c.model.image.naflex} with config.data.max_patches="
+       f"{c.data.max_patches}; NaFlex needs both: naflex=True and max_patches > 0 (e.g. 256), "
+       "or naflex=False and max_patches=0.")
+  need(not c.model.image.naflex or c.data.patch_size == c.model.image.patch_size,
+       f"config.data.patch_size={c.data.patch_size} != config.model.image.patch_size="
+       f"{c.model.image.patch_size}; NaFlex patchifies in the input pipeline, set both equal.")
+  need(not c.model.image.naflex or (c.model.image.pool != "cls"
+                                   and c.model.image.stem == "patch"
+                                   and c.model.image.patch_dropout == 0),
+       "config.model.image.naflex=True needs model.image.pool='map' or 'gap', stem='patch' "
+       "and patch_dropout=0.")
   p = c.model.image.patch_size
   need(c.model.image.stem != "conv" or (p >= 2 and p & (p - 1) == 0),
        f"config.model.image.stem='conv' halves the image once per 3x3 stride-2 convolution, so "

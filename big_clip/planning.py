@@ -399,11 +399,10 @@ def compile_eval(config: ml_collections.ConfigDict, mesh: Mesh, p: steps.Plan) -
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         p.abstract_state["params"], p.param_shardings)
   bs = sharding.batch_sharding(mesh)
-  size = config.data.image_size
   image = p.abstract_batch["image"]
   text = p.abstract_batch["text"]
   inputs = {
-      "image": jax.ShapeDtypeStruct((batch, size, size, 3), image.dtype, sharding=bs),
+      "image": jax.ShapeDtypeStruct((batch, *image.shape[1:]), image.dtype, sharding=bs),
       "text": jax.ShapeDtypeStruct((batch, *text.shape[1:]), text.dtype, sharding=bs),
   }
   out = {"batch": batch}

@@ -23,6 +23,7 @@ from absl import logging
 from flax import nnx
 
 from big_clip import checkpoints, losses, optim, sharding
+from big_clip import config as config_lib
 from big_clip.errors import UserError
 from big_clip.losses import auxiliary, caption_contrast, grad_cache
 from big_clip.models import llm, moe, two_tower, vit
@@ -217,10 +218,11 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                           losses.from_config(config.loss), mesh, config,
                                           trainable, mask_patches=mask)
   batch_sharding = sharding.batch_sharding(mesh)
-  gb, size = config.data.global_batch, config.data.image_size
+  gb = config.data.global_batch
   text_shape, text_dtype = llm.text_input_shape(config.model, config.data.max_len)
   abs_batch = {
-      "image": jax.ShapeDtypeStruct((gb, size, size, 3), jnp.float32, sharding=batch_sharding),
+      "image": jax.ShapeDtypeStruct((gb, *config_lib.image_input_shape(config.data)),
+                                    jnp.float32, sharding=batch_sharding),
       "text": jax.ShapeDtypeStruct((gb, *text_shape), text_dtype, sharding=batch_sharding),
   }
   for key, (shape, dtype) in auxiliary.batch_entries(config, teacher_dim).items():

@@ -356,14 +356,15 @@ def test_open_clip_loads_the_export_strictly_with_equal_outputs_and_imports_back
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe,cls", [("default.py", "CLIPModel"),
                                         ("clip_vit_b32.py", "CLIPModel"),
-                                        ("siglip_vit_b16.py", "SiglipModel")])
+                                        ("siglip_vit_b16.py", "SiglipModel"),
+                                        ("siglip2_naflex.py", "Siglip2Model")])
 def test_recipes_are_exportable_to_their_transformers_class(recipe, cls):
   spec = importlib.util.spec_from_file_location(
       recipe[:-3], os.path.join(os.path.dirname(__file__), "..", "configs", recipe))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  kind = hf.kind_for_loss(config.loss.name)
+  kind = hf.kind_for_loss(config.loss.name, config.model.image.naflex)
   hf.check_exportable(config.model, kind)  # raises naming any setting it cannot represent
   assert hf.ARCHITECTURES[kind] == cls
 

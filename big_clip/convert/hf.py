@@ -1,4 +1,4 @@
-"""Hugging Face `CLIPModel` / `SiglipModel` (transformers 5.x) <-> big_clip.
+"""Hugging Face `CLIPModel` / `SiglipModel` / `Siglip2Model` (transformers 5.x) <-> big_clip.
 
 CLIPModel (Radford et al. 2021): class token, pre-LN (`pre_layrnorm`), post-LN on the class
 token, bias-free projections, causal text tower pooled at the first `eos_token_id` (or at the
@@ -7,6 +7,9 @@ SiglipModel (Zhai et al. 2023): patch conv with bias, no class token, no pre-LN,
 tokens then a MAP head (`nn.MultiheadAttention` with fused q/k/v) whose output is the image
 embedding (no projection); bidirectional text tower pooled at position L-1, then `head`
 (a Linear with bias); `logit_scale` and `logit_bias` of shape [1]; LayerNorm eps 1e-6.
+Siglip2Model (export only) is SigLIP with NaFlex inputs (`image.naflex`): a Linear patch
+embedding on (row, col, channel)-ordered patches, the position table of
+`vision_config.num_patches` resized per image (bilinear, antialiased) as ours is.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from big_clip.convert import tables
 from big_clip.convert.tables import Entry, ExportError, ImportMismatchError
 
 KINDS = ("clip", "siglip")
-ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
 
 # Ours -> HF `hidden_act`; HF -> ours also accepts the other names of the tanh approximation.
 ACT_TO_HF = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -55,9 +58,11 @@ HF_DEFAULTS = {
 }
 
 
-def kind_for_loss(loss_name: str) -> str:
-  """Softmax (CLIP) models export as CLIPModel, sigmoid (SigLIP) models as SiglipModel."""
-  return {"softmax": "clip", "sigmoid": "siglip"}[loss_name]
+def kind_for_loss(loss_name: str, naflex: bool = False) -> str:
+  """Softmax (CLIP) models export as CLIPModel, sigmoid (SigLIP) models as SiglipModel, or
+  with NaFlex inputs as Siglip2Model."""
+  kind = {"softmax": "clip", "sigmoid": "siglip"}[loss_name]
+  return "siglip2" if naflex and kind == "siglip" else kind
 
 
 # ------------------------------------------------------------------------------ Export.
@@ -74,6 +79,10 @@ def check_exportable(m: Any, kind: str) -> None:
 
   need(tables.setting(img, "stem", "patch") == "patch", f"image.stem={img.get('stem')!r}",
        "the HF vision embeddings patchify with one stride-p convolution: 'patch'")
+  naflex = tables.setting(img, "naflex", False)
+  need(naflex == (kind == "siglip2"), f"image.naflex={naflex}",
+       "NaFlex models export as Siglip2Model, which needs the sigmoid loss's SigLIP layout"
+       if naflex else "Siglip2Model takes NaFlex inputs")
   if kind == "clip":
     need(img.pool == "cls", f"image.pool={img.pool!r}", "CLIPModel pools the class token: 'cls'")
     need(ln_pre, "image.ln_pre=False", "CLIPModel has a pre-LayerNorm")
@@ -107,9 +116,12 @@ def entries(m: Any, kind: str) -> list[Entry]:
   """The tensor table of the HF model that `config.model` `m` describes."""
   img, txt = m.image, m.text
   v, t = "vision_model", "text_model"
-  out = [tables.conv_patch("image.patch_embed.kernel", f"{v}.embeddings.patch_embedding.weight",
-                           int(img.patch_size)),
-         tables.copy("image.positional_embedding", f"{v}.embeddings.position_embedding.weight")]
+  if kind == "siglip2":  # a Linear on (row, col, channel)-ordered patches, as ours
+    out = tables.linear("image.patch_embed", f"{v}.embeddings.patch_embedding", bias=False)
+  else:
+    out = [tables.conv_patch("image.patch_embed.kernel",
+                             f"{v}.embeddings.patch_embedding.weight", int(img.patch_size))]
+  out += [tables.copy("image.positional_embedding", f"{v}.embeddings.position_embedding.weight")]
   out += tables.blocks("image.blocks", f"{v}.encoder.layers", int(img.depth), BLOCK_NAMES,
                        fused_qkv=False)
   out += tables.layer_norm("image.ln_post", f"{v}.post_layernorm")
@@ -193,9 +205,12 @@ def hf_config(m: Any, kind: str, logit_scale: float, dtype: str = "float32") -> 
     vision.update(model_type="clip_vision_model", projection_dim=int(m.embed_dim))
     text.update(model_type="clip_text_model", projection_dim=int(m.embed_dim))
   else:
-    out = dict(model_type="siglip")
-    vision.update(model_type="siglip_vision_model", vision_use_head=True)
-    text.update(model_type="siglip_text_model", projection_size=int(m.embed_dim))
+    out = dict(model_type=kind)
+    vision.update(model_type=f"{kind}_vision_model", vision_use_head=True)
+    text.update(model_type=f"{kind}_text_model", projection_size=int(m.embed_dim))
+    if kind == "siglip2":  # the position table is num_patches = (image_size / patch)^2
+      vision["num_patches"] = (int(img.image_size) // int(img.patch_size)) ** 2
+      del vision["image_size"]
   return dict(out, architectures=[ARCHITECTURES[kind]], dtype=dtype, text_config=text,
               vision_config=vision)
 

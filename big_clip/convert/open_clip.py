@@ -38,6 +38,9 @@ def check_exportable(m: Any) -> None:
   if tables.setting(img, "stem", "patch") != "patch":
     bad.append(f"config.model.image.stem={img.stem!r} (open_clip's VisionTransformer patchifies "
                "with one stride-p convolution)")
+  if tables.setting(img, "naflex", False):
+    bad.append("config.model.image.naflex=True (open_clip's VisionTransformer takes square "
+               "images at one resolution; export NaFlex models as transformers Siglip2Model)")
   if not tables.setting(img, "proj", True):
     bad.append("config.model.image.proj=False (open_clip's VisionTransformer has a projection)")
   if txt.pool not in TEXT_POOL:

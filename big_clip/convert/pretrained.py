@@ -143,8 +143,9 @@ def _write_tokenizer(config: ml_collections.ConfigDict, tokenizer_path: str | No
 def to_hf(params: Mapping[str, Any], config: ml_collections.ConfigDict, out: str, *,
           tokenizer_path: str | None = None) -> str:
   """Writes `out/config.json` + `out/model.safetensors` (CLIPModel for softmax, SiglipModel
-  for sigmoid models) and the tokenizer; returns the class name."""
-  kind = hf.kind_for_loss(config.loss.name)
+  for sigmoid models, Siglip2Model for sigmoid NaFlex ones) and the tokenizer; returns the
+  class name."""
+  kind = hf.kind_for_loss(config.loss.name, bool(config.model.image.get("naflex", False)))
   state = hf.export_state(adapt.flat_params(params), config.model, kind)
   scale = float(np.reshape(state["logit_scale"], ()))
   fileio.write(os.path.join(out, "config.json"),

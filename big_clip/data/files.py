@@ -41,6 +41,7 @@ from PIL import Image
 
 from big_clip.data import languages as languages_lib
 from big_clip.data import manifest as manifest_lib
+from big_clip.data import naflex as naflex_lib
 from big_clip.data import shards
 from big_clip.errors import UserError
 
@@ -53,14 +54,24 @@ class SourceError(UserError, ValueError):
   """A source that cannot be read or yields nothing; the message names it."""
 
 
+def naflex_setting(data_cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(patch_size, max_patches) when the config turns NaFlex inputs on, else None."""
+  if data_cfg.max_patches > 0:
+    return int(data_cfg.patch_size), int(data_cfg.max_patches)
+  return None
+
+
 # ---------------------------------------------------------------------------------------
 # Per-example processing: decode + crop, caption choice. Pure functions of (bytes, rng).
 # ---------------------------------------------------------------------------------------
 def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None,
-                    min_scale: float) -> np.ndarray:
+                    min_scale: float, naflex: tuple[int, int] | None = None) -> np.ndarray:
   """uint8 [size, size, 3]. With `rng`: Inception-style random-resized crop (area fraction
   in [min_scale, 1], aspect ratio in [3/4, 4/3], as torchvision / open_clip); without:
-  the centred square of the shorter side (CLIP's eval transform). Bicubic resize."""
+  the centred square of the shorter side (CLIP's eval transform). Bicubic resize.
+
+  With `naflex` = (patch_size, max_patches): the crop (or, without `rng`, the whole image)
+  keeps its aspect ratio and is resized to its NaFlex patch grid (data/naflex.py)."""
   if not data:
     raise shards.BadSample("empty_image")
   try:
@@ -71,6 +82,12 @@ def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None,
     raise shards.BadSample("corrupt_image", f"{type(e).__name__}: {e}") from e
   w, h = img.size
   box = _crop_box(w, h, rng, min_scale) if rng is not None else None
+  if naflex is not None:
+    box = box or (0, 0, w, h)
+    p, max_patches = naflex
+    rows, cols = naflex_lib.grid_size(box[3] - box[1], box[2] - box[0], p, max_patches)
+    return np.asarray(img.resize((cols * p, rows * p), Image.Resampling.BILINEAR, box=box),
+                      np.uint8)
   if box is None:
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
@@ -144,6 +161,7 @@ class Processing:
   flip_prob: float = 0.0  # P(mirror the image left-right)
   pair_language: str = ""  # '': no paired caption
   short_caption: bool = False  # the second caption is the image's short one (Long-CLIP)
+  naflex: tuple[int, int] | None = None  # (patch_size, max_patches): aspect ratio kept
 
   @classmethod
   def from_config(cls, data_cfg: ml_collections.ConfigDict, seed: int,
@@ -151,14 +169,16 @@ class Processing:
     languages, weights = languages_lib.language_table(data_cfg.languages)
     return cls(int(seed), int(data_cfg.image_size), float(data_cfg.crop_min_scale),
                languages, weights, float(data_cfg.long_caption_prob),
-               float(data_cfg.flip_prob), str(data_cfg.pair_language), bool(short_caption))
+               float(data_cfg.flip_prob), str(data_cfg.pair_language), bool(short_caption),
+               naflex_setting(data_cfg))
 
   def __call__(self, raw: shards.RawExample, epoch: int, file: int, item: int
                ) -> tuple[np.ndarray, str, str]:
     key = [self.seed, epoch, file + 1, item]  # file + 1: tfds's -1 stays non-negative
     crop_rng = (np.random.default_rng(key + [_CROP_STREAM]) if self.crop_min_scale < 1
                 else None)
-    image = decode_and_crop(raw.image, self.image_size, crop_rng, self.crop_min_scale)
+    image = decode_and_crop(raw.image, self.image_size, crop_rng, self.crop_min_scale,
+                            self.naflex)
     if (self.flip_prob > 0
         and np.random.default_rng(key + [_FLIP_STREAM]).random() < self.flip_prob):
       image = np.ascontiguousarray(image[:, ::-1])
@@ -455,9 +475,13 @@ class SourceIterator:
 
   def _finish(self, images: list[np.ndarray], texts: list[str], pairs: list[str]
               ) -> dict[str, np.ndarray]:
-    stacked = np.stack(images)
-    batch = {"image": self._normalize(stacked) if self._normalize else stacked,
-             "text": self._tokens(texts)}
+    naflex = self._process.naflex
+    if naflex:  # images of their own sizes -> padded patch sequences
+      stacked = naflex_lib.encode(images, *naflex, self._normalize or (lambda x: x))
+    else:
+      stacked = np.stack(images)
+      stacked = self._normalize(stacked) if self._normalize else stacked
+    batch = {"image": stacked, "text": self._tokens(texts)}
     if self._with_pair or self._with_short:
       batch["text_short" if self._with_short else "text_pair"] = self._tokens(pairs)
     return batch

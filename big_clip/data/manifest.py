@@ -103,17 +103,18 @@ def load(path: str, split: str | None = None) -> Manifest:
   return Manifest(path=path, name=name, items=tuple(items))
 
 
-def read_image(path: str, size: int) -> np.ndarray:
+def read_image(path: str, size: int, crop: bool = True) -> np.ndarray:
   """Decodes an image file to RGB uint8 [size, size, 3]: shorter side resized, centre crop.
 
-  The eval-time transform of CLIP. Raises ValueError naming the file when it can't be decoded.
+  The eval-time transform of CLIP; `crop=False` keeps the whole image at its own size (NaFlex
+  resizes it later). Raises ValueError naming the file when it can't be decoded.
   """
   with tf.io.gfile.GFile(path, "rb") as f:
     data = f.read()
-  return decode_image(data, size, path)
+  return decode_image(data, size, path, crop)
 
 
-def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
+def decode_image(data: bytes, size: int, name: str, crop: bool = True) -> np.ndarray:
   """`read_image` of encoded bytes (e.g. a tfds image); `name` says where they came from."""
   try:
     img = Image.open(io.BytesIO(data))
@@ -121,7 +122,7 @@ def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
   except Exception as e:  # PIL raises several types for broken files.
     raise ValueError(f"image {name!r} could not be decoded ({type(e).__name__}: {e}); "
                      "remove it from the manifest or replace the file") from e
-  return resize_center_crop(img, size)
+  return resize_center_crop(img, size) if crop else np.asarray(img, np.uint8)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from big_clip import config as config_lib
 from big_clip import fileio
 from big_clip import workdir as workdir_lib
-from big_clip.data import embedded, files, text_cache, tokenizers
+from big_clip.data import embedded, files, naflex, text_cache, tokenizers
 from big_clip.data import languages as languages_lib
 
 CLIP_MEAN, CLIP_STD = config_lib.CLIP_MEAN, config_lib.CLIP_STD
@@ -57,6 +57,19 @@ def _mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, 
     raise ValueError(f"config.data.mean / std must be 3 values each (RGB, in [0, 1] pixel "
                      f"units), std > 0; got mean={mean.tolist()}, std={std.tolist()}.")
   return mean, std
+
+
+def model_images(images: Sequence[np.ndarray] | np.ndarray,
+                 data_cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """uint8 images -> the image tower's input: normalized float32 [n, H, W, 3], or with
+  NaFlex (config.data.max_patches > 0) each at its aspect ratio as a padded patch sequence
+  [n, max_patches, p*p*3 + 2] (data/naflex.py). Training, evals and predict all call it."""
+  mean, std = _mean_std(data_cfg.mean, data_cfg.std)
+  norm = lambda x: normalize(x, mean, std)
+  setting = files.naflex_setting(data_cfg)
+  if setting:
+    return naflex.encode(images, *setting, norm)
+  return norm(np.stack(images))
 
 
 def language_cdf(languages: Mapping[str, float]) -> tuple[tuple[str, ...], np.ndarray]:
@@ -115,7 +128,8 @@ class EmbeddedIterator:
     self._image_size = int(data_cfg.image_size)
     self._max_len = int(data_cfg.max_len)
     self._languages, self._cumulative = language_cdf(data_cfg.languages)
-    self._mean, self._std = _mean_std(data_cfg.mean, data_cfg.std)
+    _mean_std(data_cfg.mean, data_cfg.std)  # a bad mean / std fails here, not in a batch
+    self._data_cfg = data_cfg
     self._tokenizer, self._seed = tokenizer, int(seed)
     self._long_share = float(data_cfg.long_captions)
     self._with_short = bool(with_short_captions)
@@ -160,7 +174,7 @@ class EmbeddedIterator:
       raise ValueError(f"The tokenizer returned {tokens.shape} tokens for "
                        f"{self._local_batch} captions; expected max_len={self._max_len} "
                        "(config.data.max_len must match the tokenizer's max_len).")
-    batch = {"image": normalize(np.stack(images), self._mean, self._std),
+    batch = {"image": model_images(images, self._data_cfg),
              "text": tokens if tokens.dtype == np.float32 else tokens.astype(np.int32)}
     if self._with_short:
       batch["text_short"] = self._tokenizer.encode(shorts).astype(np.int32)

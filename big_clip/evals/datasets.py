@@ -43,10 +43,12 @@ class ImageSet:
       self.failed[i] = str(e)
       return np.zeros((self.image_size, self.image_size, 3), np.uint8)
 
-  def __getitem__(self, index: np.ndarray) -> np.ndarray:
+  def __getitem__(self, index: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """uint8 [n, S, S, 3]; a list when the loader keeps each image's own size (NaFlex)."""
     index = np.asarray(index).reshape(-1)
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-      return np.stack(list(pool.map(self._one, index.tolist())))
+      images = list(pool.map(self._one, index.tolist()))
+    return np.stack(images) if len({x.shape for x in images}) <= 1 else images
 
 
 def array_set(images: np.ndarray, name: str) -> ImageSet:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Callable
 
 import jax
@@ -28,8 +27,7 @@ class Towers:
   tokenizer: Any
   batch_size: int
   image_size: int
-  mean: Sequence[float]
-  std: Sequence[float]
+  data_cfg: ml_collections.ConfigDict  # how images become the tower's input (mean, NaFlex)
 
   @classmethod
   def build(cls, config: ml_collections.ConfigDict, tokenizer, graphdef: nnx.GraphDef,
@@ -38,12 +36,12 @@ class Towers:
       image_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
       text_fn = jax.jit(lambda p, t: nnx.merge(graphdef, p).encode_text(t))
     return cls(image_fn, text_fn, mesh, tokenizer, config.eval.batch_size,
-               config.data.image_size, tuple(config.data.mean), tuple(config.data.std))
+               config.data.image_size, config.data)
 
   def images(self, params, images: datasets.ImageSet, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """([N, D] embeddings, [N] bool: decoded fine); failed images are warned about by name."""
     emb = sharding.embed_batched(self.image_fn, params, images, self.mesh, self.batch_size, desc=desc,
-                        preprocess=lambda x: pipeline.normalize(x, self.mean, self.std))
+                        preprocess=lambda x: pipeline.model_images(x, self.data_cfg))
     failed = np.zeros(len(images), np.int32)
     failed[list(images.failed)] = 1
     if jax.process_count() > 1:  # each process decoded its own rows

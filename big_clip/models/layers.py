@@ -170,20 +170,24 @@ class MLP(nnx.Module):
     return self.fc2(ACTIVATIONS[self.activation](h))
 
 
-def _attention_probs(q: jax.Array, k: jax.Array, causal: bool) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) in float32: q [B, T, N, D], k [B, S, N, D] -> [B, N, T, S]."""
+def _attention_probs(q: jax.Array, k: jax.Array, causal: bool,
+                     kv_mask: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) in float32: q [B, T, N, D], k [B, S, N, D] -> [B, N, T, S].
+  `kv_mask` [B, S] bool: keys that may be attended to (NaFlex padding is False)."""
   logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
   logits = logits * q.shape[-1] ** -0.5
   if causal:
     t, s = logits.shape[-2:]
     allowed = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  if kv_mask is not None:
+    logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits, axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False
-                     ) -> jax.Array:
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False,
+                     kv_mask: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1), heads kept in place:
   q [B, T, N, D], k and v [B, S, N, D] -> [B, T, N, D], as jax.nn.dot_product_attention.
 
@@ -193,25 +197,26 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Fa
   No kernel library is needed, so it runs on any backend; on GPU/TPU
   jax.nn.dot_product_attention has fused kernels ('auto' picks it there).
   """
-  return _einsum_attention_fwd(q, k, v, causal)[0]
+  return _einsum_attention_fwd(q, k, v, causal, kv_mask)[0]
 
 
-def _einsum_attention_fwd(q, k, v, causal):
-  probs = _attention_probs(q, k, causal)
+def _einsum_attention_fwd(q, k, v, causal, kv_mask):
+  probs = _attention_probs(q, k, causal, kv_mask)
   out = jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
-  return out, (q, k, v, probs)
+  return out, (q, k, v, probs, kv_mask)
 
 
 def _einsum_attention_bwd(causal, residuals, d_out):
   del causal  # masked entries have P = 0, so their dS is 0 too
-  q, k, v, probs = residuals
+  q, k, v, probs, kv_mask = residuals
   d_v = jnp.einsum("bnts,btnd->bsnd", probs.astype(d_out.dtype), d_out)
   d_probs = jnp.einsum("btnd,bsnd->bnts", d_out, v, preferred_element_type=jnp.float32)
   d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
   d_logits = (d_logits * q.shape[-1] ** -0.5).astype(q.dtype)
   d_q = jnp.einsum("bnts,bsnd->btnd", d_logits, k)
   d_k = jnp.einsum("bnts,btnd->bsnd", d_logits, q)
-  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+  d_mask = None if kv_mask is None else np.zeros(kv_mask.shape, jax.dtypes.float0)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_mask
 
 
 einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
@@ -235,8 +240,9 @@ class Attention(nnx.Module):
     self.impl = cfg.attention
 
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
-               causal: bool = False) -> jax.Array:
-    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`)."""
+               causal: bool = False, kv_mask: jax.Array | None = None) -> jax.Array:
+    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`);
+    `kv_mask` [B, S] bool leaves out the keys marked False (NaFlex padding)."""
     kv = x if kv is None else kv
 
     def split_heads(y):  # [B, T, W] -> [B, T, heads, head_dim]
@@ -252,9 +258,10 @@ class Attention(nnx.Module):
     else:
       q, k, v = split_heads(self.q(x)), split_heads(self.k(kv)), split_heads(self.v(kv))
     if self.impl == "einsum":
-      y = einsum_attention(q, k, v, causal)
+      y = einsum_attention(q, k, v, causal, kv_mask)
     else:  # scale head_dim^-0.5, float32 softmax; fused (cuDNN flash) where the backend has it
-      y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+      mask = None if kv_mask is None else kv_mask[:, None, None, :]
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
     return self.out(y.reshape(x.shape[:2] + (-1,)))
 
 
@@ -275,10 +282,11 @@ class Block(nnx.Module):
     custom = None if mlp is None else mlp(rngs)
     self.mlp = MLP(cfg, rngs=rngs) if custom is None else custom
 
-  def __call__(self, x: jax.Array, causal: bool = False
+  def __call__(self, x: jax.Array, causal: bool = False, kv_mask: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """-> (x, routing statistics of an MoE MLP, {} for the dense one)."""
-    x = x + self.attn(self.ln_1(x), causal=causal)
+    """-> (x, routing statistics of an MoE MLP, {} for the dense one). `kv_mask` [B, T]
+    bool: tokens the others may attend to (NaFlex padding is False)."""
+    x = x + self.attn(self.ln_1(x), causal=causal, kv_mask=kv_mask)
     if isinstance(self.mlp, MLP):
       y, stats = self.mlp(self.ln_2(x)), {}
     else:
@@ -306,25 +314,29 @@ def make_blocks(cfg: TransformerConfig, *, rngs: nnx.Rngs,
 
 
 def apply_blocks(blocks: nnx.List | Block, x: jax.Array, *, remat: bool,
-                 causal: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 causal: bool = False, kv_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass.
+  `kv_mask` [B, T] bool: tokens the others may attend to (NaFlex padding is False).
   Returns the tokens and the MoE layers' routing statistics averaged over those layers
   ({} without MoE layers)."""
-  def step(block: Block, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return block(x, causal)
+  def step(block: Block, x: jax.Array, kv_mask: jax.Array | None
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return block(x, causal, kv_mask)
 
   if remat:
     step = nnx.remat(step)
   if isinstance(blocks, Block):  # scanned: one compiled body, weights sliced per layer
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
               transform_metadata=LAYERS_METADATA)
-    def body(x: jax.Array, block: Block) -> tuple[jax.Array, dict[str, jax.Array]]:
-      return step(block, x)
-    x, stats = body(x, blocks)
+    def body(x: jax.Array, block: Block, kv_mask: jax.Array | None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+      return step(block, x, kv_mask)
+    x, stats = body(x, blocks, kv_mask)
     return x, jax.tree.map(lambda s: s.mean(0), stats)
   per_layer = []
   for block in blocks:
-    x, stats = step(block, x)
+    x, stats = step(block, x, kv_mask)
     if stats:
       per_layer.append(stats)
   return x, (jax.tree.map(lambda *s: sum(s) / len(s), *per_layer) if per_layer else {})

@@ -16,6 +16,13 @@ per-image uniform noise that the train step draws from its step key (`patch_nois
 same example gets the same mask on any mesh and after a resume. Without noise (eval,
 export, predict) every token is used.
 
+`image.naflex=True` (NaFlex, SigLIP 2 §2.4.2 = NaViT + FlexiViT) takes each image at its own
+aspect ratio as a padded patch sequence (data/naflex.py writes it): `[B, N, p*p*3 + 2]`, each
+row the patch pixels then its (row, col) on the image's patch grid, row = col = -1 on
+padding. The learned position table, stored at the base grid `image_size / patch_size`
+square, is resized bilinearly (antialiased) to each example's grid (big_vision naflex_vit,
+HF Siglip2 `resize_positional_embeddings`); attention and pooling see the valid tokens only.
+
 Export note: `patch_embed.kernel` is `[p*p*3, width]` with patch pixels flattened in
 (row, column, channel) order, so the torch conv weight `[width, 3, p, p]` is
 `kernel.reshape(p, p, 3, width).transpose(3, 2, 0, 1)`.
@@ -50,10 +57,10 @@ class MAPHead(nnx.Module):
     self.ln = layers.LayerNorm(cfg.width, cfg)
     self.mlp = layers.MLP(cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, N, W] tokens -> [B, W]."""
+  def __call__(self, x: jax.Array, kv_mask: jax.Array | None = None) -> jax.Array:
+    """[B, N, W] tokens (those with `kv_mask` [B, N] True, default all) -> [B, W]."""
     probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-    y = self.attn(probe, x)
+    y = self.attn(probe, x, kv_mask=kv_mask)
     y = y + self.mlp(self.ln(y))
     return y[:, 0]
 
@@ -64,6 +71,37 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   p = patch_size
   x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+NAFLEX_COORDS = 2  # (row, col) after the pixels of each NaFlex patch; -1 on padding
+
+
+def resize_matrix(size: jax.Array, base: int, rows: int) -> jax.Array:
+  """[rows, base] weights of a bilinear antialiased resize from `base` to `size` (traced int)
+  samples: row r < size holds the weights of output sample r (half-pixel centres, as torch
+  `interpolate(mode='bilinear', align_corners=False, antialias=True)`); rows past `size`
+  are never read. Resizing the identity gives the weights, so the shape stays static."""
+  scale = (size / base).astype(jnp.float32)
+  return jax.image.scale_and_translate(
+      jnp.eye(base, dtype=jnp.float32), (rows, base), (0,), scale[None],
+      jnp.zeros((1,), jnp.float32), method="linear", antialias=True)
+
+
+def naflex_positions(table: jax.Array, coords: jax.Array) -> jax.Array:
+  """Position embeddings of one image's patches: `table` [g, g, W] resized bilinearly to
+  the image's grid (rows, cols) = max(coords) + 1, read at `coords` [N, 2] (-1 on padding,
+  which reads garbage that attention masks out) -> float32 [N, W].
+
+  Bilinear resizing is separable, so the [rows, cols, W] resized table is never built:
+  each patch mixes the table with its row weights times its column weights."""
+  g = table.shape[0]
+  n = coords.shape[0]
+  grid = jnp.max(coords, axis=0) + 1  # [2]
+  safe = jnp.maximum(coords, 0)
+  w_row = resize_matrix(grid[0], g, n)[safe[:, 0]]  # [N, g]
+  w_col = resize_matrix(grid[1], g, n)[safe[:, 1]]  # [N, g]
+  return jnp.einsum("ni,ijd,nj->nd", w_row, table.astype(jnp.float32), w_col,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def conv_stem_channels(patch_size: int, width: int) -> tuple[int, ...]:
@@ -158,6 +196,11 @@ class ViT(nnx.Module):
       raise ValueError(f"config.model.image.patch_dropout={self.patch_dropout}; the share of "
                        "patch tokens dropped must be in [0, 1).")
     self.stem = layers.choose(c.stem, STEMS, "config.model.image.stem")
+    self.naflex = bool(c.naflex)
+    if self.naflex and (self.pool == "cls" or self.stem != "patch" or self.patch_dropout):
+      raise ValueError("config.model.image.naflex=True needs pool='map' or 'gap', "
+                       "stem='patch' and patch_dropout=0 (NaFlex pools its valid tokens, "
+                       "patchifies in the input pipeline and has no patch dropout yet).")
     w, patch_dim = cfg.width, self.patch_size ** 2 * 3
     if self.stem == "conv":
       self.conv_stem = ConvStem(self.patch_size, cfg, rngs=rngs)
@@ -193,12 +236,15 @@ class ViT(nnx.Module):
                        "set them equal or enable the projection.")
 
   def __call__(self, images: jax.Array, patch_noise: jax.Array | None = None) -> jax.Array:
-    """`patch_noise` [B, N] uniform draws turn on patch dropout (training only)."""
+    """`patch_noise` [B, N] uniform draws turn on patch dropout (training only). With
+    `naflex`, `images` are NaFlex patch sequences [B, N, p*p*3 + 2] (module docstring)."""
     return self.forward(images, patch_noise)[0]
 
   def forward(self, images: jax.Array, patch_noise: jax.Array | None = None
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """As `__call__`, and the MoE layers' routing statistics ({} without MoE)."""
+    if self.naflex:
+      return self.encode_tokens_with_stats(*self.embed_naflex(images))
     return self.encode_tokens_with_stats(self.drop(self.embed(images), patch_noise))
 
   def drop(self, x: jax.Array, patch_noise: jax.Array | None) -> jax.Array:
@@ -224,18 +270,41 @@ class ViT(nnx.Module):
     x = x + self.positional_embedding[...].astype(x.dtype)
     return sharding.constrain(x, layers.ACT_EMBED)
 
-  def encode_tokens(self, x: jax.Array) -> jax.Array:
-    """Tokens [B, T', W] (all or the kept ones) -> unnormalized float32 [B, embed_dim]."""
-    return self.encode_tokens_with_stats(x)[0]
+  def embed_naflex(self, patches: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """NaFlex patches [B, N, p*p*3 + 2] -> (tokens [B, N, W] with positional embeddings,
+    valid [B, N] bool)."""
+    b, n = patches.shape[:2]
+    patch_dim = self.patch_size ** 2 * 3
+    chex.assert_shape(patches, (b, n, patch_dim + NAFLEX_COORDS))
+    coords = patches[..., patch_dim:].astype(jnp.int32)  # [B, N, 2]
+    valid = coords[..., 0] >= 0
+    x = self.patch_embed(patches[..., :patch_dim])  # [B, N, W]
+    g = self.image_size // self.patch_size
+    table = self.positional_embedding[...].reshape(g, g, -1)
+    pos = jax.vmap(naflex_positions, in_axes=(None, 0))(table, coords)
+    x = x + pos.astype(x.dtype)
+    return sharding.constrain(x, layers.ACT_EMBED), valid
 
-  def encode_tokens_with_stats(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def encode_tokens(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Tokens [B, T', W] (all or the kept ones; `valid` [B, T'] bool marks the real ones,
+    default all) -> unnormalized float32 [B, embed_dim]."""
+    return self.encode_tokens_with_stats(x, valid)[0]
+
+  def encode_tokens_with_stats(self, x: jax.Array, valid: jax.Array | None = None
+                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """As `encode_tokens`, and the MoE layers' routing statistics ({} without MoE)."""
     if self.use_ln_pre:
       x = self.ln_pre(x)
-    x, stats = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat)
+    x, stats = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat, kv_mask=valid)
     if self.pool == "cls":  # CLIP: ln_post on the class token
       pooled = self.ln_post(x[:, 0])
-    elif self.pool == "gap":  # mean of the patch tokens, then ln_post
-      pooled = self.ln_post(x.astype(jnp.float32).mean(axis=1))
+    elif self.pool == "gap":  # mean of the (valid) patch tokens, then ln_post
+      x = x.astype(jnp.float32)
+      if valid is None:
+        pooled = self.ln_post(x.mean(axis=1))
+      else:
+        w = valid[..., None].astype(jnp.float32)
+        pooled = self.ln_post((x * w).sum(axis=1) / w.sum(axis=1))
     else:  # SigLIP (HF SiglipVisionTransformer): post-LN on all tokens, then the MAP head
-      pooled = self.head(self.ln_post(x))
+      pooled = self.head(self.ln_post(x), valid)
     return (self.proj(pooled) if self.use_proj else pooled).astype(jnp.float32), stats
