@@ -281,7 +281,9 @@ def test_einsum_attention_matches_dot_product_attention_values_and_gradients(poo
     np.testing.assert_allclose(a, b, atol=1e-5)
   want = dict(nnx.to_flat_state(grad_x))
   for path, g in nnx.to_flat_state(grad_e):
-    np.testing.assert_allclose(g[...], want[path][...], rtol=1e-5, atol=1e-5, err_msg=str(path))
+    # float32 sums in another order: ~1e-5 apart on this CPU (1.8e-5 seen on one text-tower
+    # gradient); a wrong backward is off by the gradient's own size.
+    np.testing.assert_allclose(g[...], want[path][...], rtol=1e-4, atol=5e-5, err_msg=str(path))
 
 
 def test_attention_impl_auto_is_xla_on_every_platform():
