@@ -25,7 +25,7 @@ from flax import nnx
 from big_clip import checkpoints, losses, optim, sharding
 from big_clip.errors import UserError
 from big_clip.losses import auxiliary, grad_cache
-from big_clip.models import llm, two_tower, vit
+from big_clip.models import decoder, llm, two_tower, vit
 
 State = dict[str, Any]  # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'}
 
@@ -50,17 +50,24 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """
   accum = config.optim.grad_accum_steps
   extra_terms = auxiliary.make(config)  # Long-CLIP short captions, distillation (or None)
+  captioning = config.loss.caption.weight > 0
   split = ((lambda p: optim.partition(p, trainable)) if trainable is not None
            else (lambda p: (p, {})))
 
   def compute_loss(params, frozen, batch):
     model = nnx.merge(graphdef, optim.combine(params, frozen))
-    img_emb, txt_emb = model(batch["image"], batch["text"], batch.get("patch_noise"))
+    image_tokens = None
+    if captioning:  # one image pass for both losses
+      img_emb, txt_emb, image_tokens = model.embed_with_image_tokens(
+          batch["image"], batch["text"], batch.get("patch_noise"))
+    else:
+      img_emb, txt_emb = model(batch["image"], batch["text"], batch.get("patch_noise"))
     scale, bias = model.scale_and_bias()
     loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
     parts = {}  # the terms of a composite loss, logged as metrics
     if extra_terms is not None:
-      loss, parts = extra_terms(loss, model, batch, img_emb, txt_emb, scale, bias, mesh=mesh)
+      loss, parts = extra_terms(loss, model, batch, img_emb, txt_emb, scale, bias, mesh=mesh,
+                                image_tokens=image_tokens)
     return loss, (scale, bias, parts)
 
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
@@ -93,6 +100,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if mask_patches and config.model.image.patch_dropout > 0:  # per example: any mesh or
       batch = {**batch, "patch_noise": vit.patch_noise(  # micro-batching draws the same
           config, state["step"], batch["image"].shape[0])}  # mask; resumes exactly
+    if captioning:  # CapPa: the examples predicted in parallel this step
+      batch = {**batch, "caption_parallel": decoder.parallel_rows(
+          config, state["step"], batch["text"].shape[0])}
     params, frozen = split(state["params"])
     (loss, (scale, bias, parts)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)

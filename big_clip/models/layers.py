@@ -223,16 +223,19 @@ class Attention(nnx.Module):
     self.heads = cfg.heads
     self.impl = cfg.attention
 
-  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
-               causal: bool = False) -> jax.Array:
-    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`)."""
+  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *, causal: bool = False,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`).
+
+    `mask` (bool, broadcastable to [B, heads, T, S], True = attend) replaces `causal`; it
+    always runs jax.nn.dot_product_attention (the einsum kernel knows only `causal`)."""
     kv = x if kv is None else kv
 
     def split_heads(y):  # [B, T, W] -> [B, T, heads, head_dim]
       y = y.reshape(*y.shape[:2], self.heads, y.shape[-1] // self.heads)
       return sharding.constrain(y, ACT_HEADS)
 
-    if self.impl == "einsum" and kv is x:
+    if self.impl == "einsum" and kv is x and mask is None:
       # Self-attention: one [W, 3W] matmul for q, k and v (params stay separate, as HF).
       kernel = jnp.concatenate([self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]], 1)
       bias = jnp.concatenate([self.q.bias[...], self.k.bias[...], self.v.bias[...]])
@@ -240,7 +243,9 @@ class Attention(nnx.Module):
       q, k, v = (split_heads(y) for y in jnp.split(qkv, 3, axis=-1))
     else:
       q, k, v = split_heads(self.q(x)), split_heads(self.k(kv)), split_heads(self.v(kv))
-    if self.impl == "einsum":
+    if mask is not None:
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    elif self.impl == "einsum":
       y = einsum_attention(q, k, v, causal)
     else:  # scale head_dim^-0.5, float32 softmax; fused (cuDNN flash) where the backend has it
       y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
@@ -262,31 +267,34 @@ class Block(nnx.Module):
     return sharding.constrain(x, ACT_EMBED)
 
 
-def make_blocks(cfg: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.List | Block:
-  """`cfg.depth` blocks: an nnx.List (`blocks.<i>.…`), or with `scan_layers` one Block whose
-  params are stacked on a leading axis named 'layers' (`blocks.…`, shape `[depth, …]`)."""
+def make_blocks(cfg: TransformerConfig, *, rngs: nnx.Rngs,
+                block: Callable[..., nnx.Module] = Block) -> nnx.List | nnx.Module:
+  """`cfg.depth` blocks: an nnx.List (`blocks.<i>.…`), or with `scan_layers` one block whose
+  params are stacked on a leading axis named 'layers' (`blocks.…`, shape `[depth, …]`).
+  `block(cfg, rngs=rngs)` builds one (a `Block`; the caption decoder passes its own)."""
   if not cfg.scan_layers:
-    return nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    return nnx.List([block(cfg, rngs=rngs) for _ in range(cfg.depth)])
 
   @nnx.split_rngs(splits=cfg.depth)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS_METADATA)
-  def stacked(rngs: nnx.Rngs) -> Block:
-    return Block(cfg, rngs=rngs)
+  def stacked(rngs: nnx.Rngs) -> nnx.Module:
+    return block(cfg, rngs=rngs)
 
   return stacked(rngs)
 
 
-def apply_blocks(blocks: nnx.List | Block, x: jax.Array, *, remat: bool,
-                 causal: bool = False) -> jax.Array:
-  """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass."""
-  def step(block: Block, x: jax.Array) -> jax.Array:
-    return block(x, causal)
+def apply_blocks(blocks: nnx.List | nnx.Module, x: jax.Array, *, remat: bool,
+                 causal: bool = False, **context: jax.Array) -> jax.Array:
+  """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass.
+  `context` (e.g. the caption decoder's image tokens) goes to every block unchanged."""
+  def step(block: nnx.Module, x: jax.Array) -> jax.Array:
+    return block(x, causal, **context)
 
   if remat:
     step = nnx.remat(step)
-  if isinstance(blocks, Block):  # scanned: one compiled body, weights sliced per layer
+  if not isinstance(blocks, nnx.List):  # scanned: one compiled body, weights sliced per layer
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=LAYERS_METADATA)
-    def body(x: jax.Array, block: Block) -> jax.Array:
+    def body(x: jax.Array, block: nnx.Module) -> jax.Array:
       return step(block, x)
     return body(x, blocks)
   for block in blocks:

@@ -195,6 +195,13 @@ class ViT(nnx.Module):
     """`patch_noise` [B, N] uniform draws turn on patch dropout (training only)."""
     return self.encode_tokens(self.drop(self.embed(images), patch_noise))
 
+  def features(self, images: jax.Array, patch_noise: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """(the `__call__` output, the last block's tokens [B, T', W]): one pass for the
+    contrastive embedding and the caption decoder's cross-attention."""
+    tokens = self.transform(self.drop(self.embed(images), patch_noise))
+    return self.pool_tokens(tokens), tokens
+
   def drop(self, x: jax.Array, patch_noise: jax.Array | None) -> jax.Array:
     """FLIP patch dropout of `embed`'s tokens; identity without noise or at rate 0."""
     if patch_noise is None or self.patch_dropout == 0.0:
@@ -220,9 +227,16 @@ class ViT(nnx.Module):
 
   def encode_tokens(self, x: jax.Array) -> jax.Array:
     """Tokens [B, T', W] (all or the kept ones) -> unnormalized float32 [B, embed_dim]."""
+    return self.pool_tokens(self.transform(x))
+
+  def transform(self, x: jax.Array) -> jax.Array:
+    """Embedded tokens [B, T', W] -> the last block's output [B, T', W]."""
     if self.use_ln_pre:
       x = self.ln_pre(x)
-    x = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat)
+    return layers.apply_blocks(self.blocks, x, remat=self.cfg.remat)
+
+  def pool_tokens(self, x: jax.Array) -> jax.Array:
+    """The last block's tokens [B, T', W] -> unnormalized float32 [B, embed_dim]."""
     if self.pool == "cls":  # CLIP: ln_post on the class token
       pooled = self.ln_post(x[:, 0])
     elif self.pool == "gap":  # mean of the patch tokens, then ln_post
