@@ -219,3 +219,29 @@ def test_caption_train_step_on_8_devices_equals_1_device():
   atol = 1e-6 * max(np.abs(g).max() for g in jax.tree.leaves(g1))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol), g8, g1)
   assert np.abs(g1["decoder"]["head"]["kernel"]).max() > 0  # the decoder is trained
+
+
+# ---------------------------------------------------------------- export
+def test_export_writes_the_towers_only_and_says_so(tmp_path, caplog):
+  from safetensors.numpy import load_file
+
+  from big_clip.convert import pretrained
+
+  c = config_lib.base()
+  c.model = model_config(depth=1)
+  c.model.update(activation="quick_gelu")
+  c.data.update(image_size=8, max_len=6)
+  c.loss.caption.weight = 1.0
+  params = nnx.to_pure_dict(nnx.state(two_tower.TwoTower(c.model, rngs=nnx.Rngs(params=0))))
+  with caplog.at_level("WARNING"):
+    pretrained.to_hf(params, c, str(tmp_path / "with"))
+  assert "exporting the image and text towers only" in caplog.text
+  plain = config_lib.base()
+  plain.update(c.to_dict())
+  plain.model.decoder.depth, plain.loss.caption.weight = 0, 0.0
+  towers = {k: v for k, v in params.items() if k != "decoder"}
+  pretrained.to_hf(towers, plain, str(tmp_path / "without"))
+  got, want = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("with", "without"))
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])

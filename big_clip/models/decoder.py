@@ -123,14 +123,23 @@ def parallel_rows(config: Any, step: jax.Array, batch_size: int) -> jax.Array:
 
 
 def greedy_decode(decoder: CaptionDecoder, image_tokens: jax.Array, length: int, *,
-                  eos_id: int, pad_id: int, parallel: bool = False) -> jax.Array:
+                  eos_id: int, pad_id: int, parallel: bool = False,
+                  prefix: jax.Array | None = None) -> jax.Array:
   """Greedy captions int32 [B, length] (pad after the first EOS) for image tokens [B, S, W].
 
-  'ar': `length` passes, each taking the argmax at the next position (no KV cache: the
-  caption is short and this is for evaluation). `parallel`: one pass from mask tokens.
+  'ar': one pass per position, each taking the argmax there (no KV cache: the caption is
+  short and this is for evaluation); `prefix` [B, P] int32 forces the first P tokens (e.g.
+  a language's opening words). `parallel`: one pass from mask tokens.
   """
   b = image_tokens.shape[0]
   tokens = jnp.full((b, length), pad_id, jnp.int32)
+  start = 0
+  if prefix is not None:
+    if parallel:
+      raise ValueError("greedy_decode: a prefix needs autoregressive decoding "
+                       "(parallel=False).")
+    start = prefix.shape[1]
+    tokens = tokens.at[:, :start].set(prefix.astype(jnp.int32))
   if parallel:
     tokens = jnp.argmax(decoder(image_tokens, tokens, jnp.ones((b,), bool)), -1)
   else:
@@ -142,6 +151,6 @@ def greedy_decode(decoder: CaptionDecoder, image_tokens: jax.Array, length: int,
       logits = nnx.merge(graphdef, state)(image_tokens, tokens)
       next_token = jnp.argmax(logits[:, t], -1).astype(jnp.int32)
       return tokens.at[:, t].set(next_token), state
-    tokens, _ = jax.lax.fori_loop(0, length, body, (tokens, state))
+    tokens, _ = jax.lax.fori_loop(start, length, body, (tokens, state))
   after_eos = jnp.cumsum(tokens == eos_id, axis=1) - (tokens == eos_id) > 0
   return jnp.where(after_eos, pad_id, tokens).astype(jnp.int32)

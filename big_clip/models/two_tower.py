@@ -78,14 +78,16 @@ class TwoTower(nnx.Module):
     chex.assert_shape(img_emb, (images.shape[0], self.embed_dim))
     return img_emb, self.encode_text(tokens), image_tokens
 
-  def caption(self, images: jax.Array, length: int, *, parallel: bool = False) -> jax.Array:
-    """Greedy captions int32 [B, length] of [B, H, W, 3] normalized images (models/decoder)."""
+  def caption(self, images: jax.Array, length: int, *, parallel: bool = False,
+              prefix: jax.Array | None = None) -> jax.Array:
+    """Greedy captions int32 [B, length] of [B, H, W, 3] normalized images, optionally
+    continuing `prefix` [B, P] (models/decoder.greedy_decode)."""
     if self.decoder is None:
       raise ValueError("This model has no caption decoder (config.model.decoder.depth=0); "
                        "train with config.loss.caption.weight > 0.")
     _, image_tokens = self.image.features(images)
     return decoder.greedy_decode(self.decoder, image_tokens, length, eos_id=self.eos_id,
-                                 pad_id=self.pad_id, parallel=parallel)
+                                 pad_id=self.pad_id, parallel=parallel, prefix=prefix)
 
   def scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
     """(exp(logit_scale), logit_bias) as float32 scalars. The cap logit_scale_max is kept
