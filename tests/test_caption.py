@@ -24,7 +24,7 @@ def model_config(**decoder):
   cfg.image.update(image_size=8, patch_size=4, width=12, depth=1, heads=2, mlp_dim=16)
   cfg.text.update(vocab_size=16, max_len=6, width=8, depth=1, heads=2, mlp_dim=16,
                   eos_id=EOS, pad_id=PAD)
-  cfg.decoder.update(dict(width=8, depth=2, heads=2, mlp_dim=16, **decoder))
+  cfg.decoder.update({**dict(width=8, depth=2, heads=2, mlp_dim=16), **decoder})
   return cfg
 
 
