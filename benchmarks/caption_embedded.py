@@ -117,9 +117,12 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--images", type=int, default=300)
   parser.add_argument("--out", default="/tmp/caption_bench")
+  parser.add_argument("--variants", default="contrastive,contrastive+caption",
+                      help="which runs (two processes can run one each in parallel)")
   args = parser.parse_args()
   summary = {}
-  for name, caption in (("contrastive", False), ("contrastive+caption", True)):
+  for name in args.variants.split(","):
+    caption = name == "contrastive+caption"
     config = default_config(args.steps, caption)
     workdir = os.path.join(args.out, name.replace("+", "_"))
     result = train.train(config, workdir)
