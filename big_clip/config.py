@@ -53,6 +53,7 @@ CHOICES = {
     "nan_policy": ("stop", "skip"),
     "mesh.multihost": ("auto", "true", "false"),
     "loss.distill.feature": ("cosine", "mse"),
+    "loss.caption.mode": ("ar", "parallel"),
 }
 
 
@@ -108,6 +109,10 @@ def base() -> ml_collections.ConfigDict:
                     attention="causal",
                     lm_head=False,  # load the LM head (HF lm_head.weight) for loss.mntp_weight
                 )),
+      # The caption decoder (models/decoder.py, for config.loss.caption): cross-attends to
+      # the image tower's last-block tokens; vocabulary and length are the text tower's.
+      # depth 0 = no decoder. CoCa/CapPa B-size decoders: width 512-768, depth 6-12.
+      decoder=dict(width=512, depth=0, heads=8, mlp_dim=2048),
   )
   c.loss = dict(
       name="softmax",  # 'softmax' (CLIP), 'sigmoid' (SigLIP), 'grouped' (M2-Encoder)
@@ -141,6 +146,13 @@ def base() -> ml_collections.ConfigDict:
       mntp_weight=0.0,
       mntp_mask_prob=0.2,
       mntp_mask_id=0,
+      # Captioning (CoCa, Yu et al. 2022; CapPa, Tschannen et al. 2023): + weight * the
+      # token cross-entropy of config.model.decoder predicting each example's caption
+      # (losses/caption.py). weight 0 = off (then model.decoder.depth must be 0).
+      # mode 'ar': teacher forcing, causal; 'parallel': CapPa's parallel prediction (mask
+      # tokens in, non-causal) for a parallel_fraction share of the examples, 'ar' for the
+      # rest (CapPa uses 0.75).
+      caption=dict(weight=0.0, mode="ar", parallel_fraction=1.0),
   )
   # Architecture switches for exact CLIP / SigLIP layouts (big_clip/export.py maps them to
   # Hugging Face and open_clip); the defaults are OpenAI CLIP's.
@@ -286,6 +298,7 @@ def shrink_for_local(c: ml_collections.ConfigDict) -> None:
   c.model.update(dtype="float32", remat=False)
   c.model.image.update(image_size=64, depth=2)
   c.model.text.update(depth=2, max_len=32, vocab_size=1024)
+  c.model.decoder.update(depth=min(c.model.decoder.depth, 2))  # 0 (no decoder) stays 0
   c.data.update(source="embedded", global_batch=8, image_size=64, max_len=32)
   c.data.tokenizer.update(path="", vocab_size=1024)
   c.mesh.update(data=-1, fsdp=1)
@@ -452,6 +465,7 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"config.data.source={c.data.source!r} names no location, e.g. 'shards:/data/*.tar'.")
   _validate_long_captions(c)
   _validate_moe(c)
+  _validate_caption(c)
   validate_llm(c.model.text.llm)
 
 
@@ -515,6 +529,38 @@ def _validate_moe(c: ml_collections.ConfigDict) -> None:
   need(not any_moe or c.loss.accum_steps == 1,
        f"config.loss.accum_steps={c.loss.accum_steps} (gradient cache) with MoE towers is not "
        "supported yet (the router losses would be dropped); use optim.grad_accum_steps.")
+
+
+def _validate_caption(c: ml_collections.ConfigDict) -> None:
+  """config.loss.caption and the decoder it trains (config.model.decoder)."""
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(msg)
+
+  cap, dec = c.loss.caption, c.model.decoder
+  need(cap.weight >= 0, f"config.loss.caption.weight={cap.weight} must be >= 0 (0 = off).")
+  need((cap.weight > 0) == (dec.depth > 0),
+       f"config.loss.caption.weight={cap.weight} and config.model.decoder.depth={dec.depth} go "
+       "together: the decoder is trained only by the caption loss; set both (e.g. weight=1.0, "
+       "depth=6) or neither.")
+  if cap.weight == 0:
+    return
+  need(dec.depth >= 1 and min(dec.width, dec.heads, dec.mlp_dim) >= 1,
+       "config.model.decoder: width, depth, heads and mlp_dim must be positive.")
+  need(dec.width % dec.heads == 0, f"config.model.decoder.width={dec.width} is not divisible "
+       f"by config.model.decoder.heads={dec.heads}.")
+  need(0 < cap.parallel_fraction <= 1, f"config.loss.caption.parallel_fraction="
+       f"{cap.parallel_fraction} must be in (0, 1] (CapPa: 0.75).")
+  need(c.model.text.kind == "clip", "config.loss.caption decodes the text tower's token ids; "
+       f"config.model.text.kind={c.model.text.kind!r} has none of its own; use kind='clip'.")
+  need(c.loss.accum_steps == 1, f"config.loss.accum_steps={c.loss.accum_steps} (gradient "
+       "cache) covers the contrastive loss only; set it to 1 with config.loss.caption (use "
+       "optim.grad_accum_steps for memory).")
+  need(not (c.model.image.moe.experts or c.model.text.moe.experts),
+       "config.loss.caption with MoE towers (config.model.*.moe.experts) is not supported "
+       "yet (the router losses would be dropped); turn one of them off.")
+  need(not c.model.image.naflex, "config.loss.caption with config.model.image.naflex is not "
+       "supported yet (the decoder would attend to padding); turn one of them off.")
 
 
 def _validate_long_captions(c: ml_collections.ConfigDict) -> None:

@@ -26,7 +26,7 @@ from big_clip import checkpoints, losses, optim, sharding
 from big_clip import config as config_lib
 from big_clip.errors import UserError
 from big_clip.losses import auxiliary, caption_contrast, grad_cache
-from big_clip.models import llm, moe, two_tower, vit
+from big_clip.models import decoder, llm, moe, two_tower, vit
 
 # {'step', 'params', 'opt', 'nonfinite', 'first_nonfinite_step'} and, with
 # config.optim.ema_decay > 0, 'ema': the moving average of the trainable part of 'params'.
@@ -54,6 +54,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   accum = config.optim.grad_accum_steps
   ema_decay = config.optim.ema_decay
   extra_terms = auxiliary.make(config)  # Long-CLIP short captions, distillation (or None)
+  captioning = config.loss.caption.weight > 0
   split = ((lambda p: optim.partition(p, trainable)) if trainable is not None
            else (lambda p: (p, {})))
 
@@ -67,13 +68,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       loss, parts = caption_contrast.loss(model.text, batch, scale, mesh=mesh,
                                           mntp_weight=mntp_weight)
       return loss, (scale, bias, parts)
-    img_emb, txt_emb, moe_stats = model.forward(batch["image"], batch["text"],
-                                                batch.get("patch_noise"))
+    image_tokens = None
+    if captioning:  # one image pass for both losses (no MoE towers: config validation)
+      img_emb, txt_emb, image_tokens = model.embed_with_image_tokens(
+          batch["image"], batch["text"], batch.get("patch_noise"))
+      moe_stats = {}
+    else:
+      img_emb, txt_emb, moe_stats = model.forward(batch["image"], batch["text"],
+                                                  batch.get("patch_noise"))
     scale, bias = model.scale_and_bias()
     loss = loss_fn(img_emb, txt_emb, scale, bias, mesh=mesh)
     parts = {}  # the terms of a composite loss, logged as metrics
     if extra_terms is not None:
-      loss, parts = extra_terms(loss, model, batch, img_emb, txt_emb, scale, bias, mesh=mesh)
+      loss, parts = extra_terms(loss, model, batch, img_emb, txt_emb, scale, bias, mesh=mesh,
+                                image_tokens=image_tokens)
     if moe_stats:  # router losses of MoE towers (Switch load balance, ST-MoE z-loss)
       moe_loss, moe_logs = moe.aux_loss(moe_stats, config.model)
       loss, parts = loss + moe_loss, {**parts, **moe_logs}
@@ -112,6 +120,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if mntp_weight > 0:  # masked per step from (seed, step): resumes and meshes agree
       batch = {**batch, **caption_contrast.mntp_inputs(config, state["step"], batch["text"],
                                                        pad_id)}
+    if captioning:  # CapPa: the examples predicted in parallel this step
+      batch = {**batch, "caption_parallel": decoder.parallel_rows(
+          config, state["step"], batch["text"].shape[0])}
     params, frozen = split(state["params"])
     (loss, (scale, bias, parts)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)

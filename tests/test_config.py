@@ -159,7 +159,8 @@ def test_a_user_error_is_one_line_and_a_traceback_only_when_asked(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["clip_vit_b32.py", "siglip_vit_b16.py", "siglip2_naflex.py"])
+@pytest.mark.parametrize("name", ["clip_vit_b32.py", "siglip_vit_b16.py", "siglip2_naflex.py",
+                                  "coca_vit_b32.py"])
 def test_pod_recipes_train_two_steps_locally(name, tmp_path):
   """`:local` keeps the recipe's architecture (pooling, loss) and actually trains."""
   from big_clip import train

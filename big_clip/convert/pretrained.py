@@ -140,13 +140,25 @@ def _write_tokenizer(config: ml_collections.ConfigDict, tokenizer_path: str | No
   fileio.write(os.path.join(out, TOKENIZER_NOTE), "\n".join(lines))
 
 
+def towers_only(params: Mapping[str, Any], fmt: str) -> Mapping[str, Any]:
+  """`params` without the caption decoder (config.loss.caption), which neither format has a
+  place for: the export is the two towers, as a plain CLIP / SigLIP model."""
+  if params.get("decoder") is None:
+    return params
+  logging.warning("%s has no caption decoder: exporting the image and text towers only "
+                  "(the decoder of config.model.decoder stays in the big_clip checkpoint).",
+                  fmt)
+  return {k: v for k, v in params.items() if k != "decoder"}
+
+
 def to_hf(params: Mapping[str, Any], config: ml_collections.ConfigDict, out: str, *,
           tokenizer_path: str | None = None) -> str:
   """Writes `out/config.json` + `out/model.safetensors` (CLIPModel for softmax, SiglipModel
   for sigmoid models, Siglip2Model for sigmoid NaFlex ones) and the tokenizer; returns the
   class name."""
-  kind = hf.kind_for_loss(config.loss.name, bool(config.model.image.get("naflex", False)))
-  state = hf.export_state(adapt.flat_params(params), config.model, kind)
+  kind = hf.kind_for_loss(config.loss.name, bool(config.model.image.naflex))
+  state = hf.export_state(adapt.flat_params(towers_only(params, "transformers")),
+                          config.model, kind)
   scale = float(np.reshape(state["logit_scale"], ()))
   fileio.write(os.path.join(out, "config.json"),
                json.dumps(hf.hf_config(config.model, kind, scale), indent=2))
@@ -159,8 +171,8 @@ def to_open_clip(params: Mapping[str, Any], config: ml_collections.ConfigDict, o
                  tokenizer_path: str | None = None) -> dict[str, Any]:
   """Writes `out/open_clip_config.json` + `out/open_clip_model.safetensors` (loadable with
   `open_clip.create_model('local-dir:OUT')`) and the tokenizer; returns the model config."""
-  state, model_cfg = open_clip.export_state(adapt.flat_params(params), config.model,
-                                            config.loss.name)
+  state, model_cfg = open_clip.export_state(
+      adapt.flat_params(towers_only(params, "open_clip")), config.model, config.loss.name)
   preprocess = dict(size=int(config.data.image_size), mean=list(config.data.mean),
                     std=list(config.data.std))
   fileio.write(os.path.join(out, open_clip.CONFIG_FILE),

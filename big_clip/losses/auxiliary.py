@@ -1,7 +1,8 @@
 """Loss terms added to the contrastive loss by config: Long-CLIP's short-caption
 term (`config.loss.long_clip`, losses/long_clip.py), distillation from a frozen teacher
-(`config.loss.distill`, losses/distill.py) and the caption-pair term
-(`config.loss.text_pair_weight`). The train step calls `make(config)` once.
+(`config.loss.distill`, losses/distill.py), the caption-pair term
+(`config.loss.text_pair_weight`) and the captioning decoder's loss (`config.loss.caption`,
+losses/caption.py). The train step calls `make(config)` once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import ml_collections
 
 from big_clip import losses
-from big_clip.losses import distill, long_clip
+from big_clip.losses import caption, distill, long_clip
 
 TEACHER_KEYS = ("teacher_image", "teacher_text")
 
@@ -34,19 +35,22 @@ def batch_entries(config: ml_collections.ConfigDict, teacher_dim: int | None = N
 
 def make(config: ml_collections.ConfigDict
          ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]] | None:
-  """`total(contrastive, model, batch, img_emb, txt_emb, scale, bias, *, mesh)` -> (the loss
-  with the enabled terms, {metric name: each term before weighting}), or None when none is
-  enabled. The names ('loss/contrastive', 'loss/short_caption', 'loss/text_pair',
-  'loss/distill') are logged next to 'loss'."""
+  """`total(contrastive, model, batch, img_emb, txt_emb, scale, bias, *, mesh,
+  image_tokens)` -> (the loss with the enabled terms, {metric name: each term before
+  weighting}), or None when none is enabled. The names ('loss/contrastive',
+  'loss/short_caption', 'loss/text_pair', 'loss/distill', 'loss/caption') are logged next to
+  'loss'. `image_tokens` (the image tower's last-block tokens) feed the caption decoder."""
   lc, dist = config.loss.long_clip, config.loss.distill
   pair_weight = float(config.loss.text_pair_weight)
-  if not (lc.enabled or dist.enabled or pair_weight > 0):
+  caption_weight = float(config.loss.caption.weight)
+  if not (lc.enabled or dist.enabled or pair_weight > 0 or caption_weight > 0):
     return None
   base_loss = losses.get(config.loss.name)
   pair_loss = losses.from_config(config.loss)  # the grouped loss keeps its groups
 
   def total(contrastive: jax.Array, model: Any, batch: dict, img_emb: jax.Array,
-            txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *, mesh
+            txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *, mesh,
+            image_tokens: jax.Array | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
     # distill.contrastive_weight weights the contrastive loss alone (ProCLIP stage 1 sets it
     # to 0 and keeps the other terms).
@@ -67,6 +71,11 @@ def make(config: ml_collections.ConfigDict
           feature=dist.feature, feature_weight=float(dist.feature_weight),
           kl_weight=float(dist.kl_weight), temperature=float(dist.temperature), mesh=mesh)
       out = out + parts["loss/distill"]
+    if caption_weight > 0:  # CoCa eq. 4: L = L_con + lambda * L_cap
+      parts["loss/caption"] = caption.loss(
+          model.decoder, image_tokens, batch["text"], pad_id=int(config.model.text.pad_id),
+          parallel=batch.get("caption_parallel"))
+      out = out + caption_weight * parts["loss/caption"]
     return out, parts
 
   return total

@@ -239,17 +239,21 @@ class Attention(nnx.Module):
     self.heads = cfg.heads
     self.impl = cfg.attention
 
-  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
-               causal: bool = False, kv_mask: jax.Array | None = None) -> jax.Array:
-    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`);
-    `kv_mask` [B, S] bool leaves out the keys marked False (NaFlex padding)."""
+  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *, causal: bool = False,
+               kv_mask: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    """Queries from `x` [B, T, W], keys/values from `kv` [B, S, W] (default `x`).
+
+    `kv_mask` [B, S] bool leaves out the keys marked False (NaFlex padding), in either
+    kernel. `mask` (bool, broadcastable to [B, heads, T, S], True = attend) replaces `causal`
+    and `kv_mask`; it always runs jax.nn.dot_product_attention (the caption decoder's mix
+    of causal and parallel rows)."""
     kv = x if kv is None else kv
 
     def split_heads(y):  # [B, T, W] -> [B, T, heads, head_dim]
       y = y.reshape(*y.shape[:2], self.heads, y.shape[-1] // self.heads)
       return sharding.constrain(y, ACT_HEADS)
 
-    if self.impl == "einsum" and kv is x:
+    if self.impl == "einsum" and kv is x and mask is None:
       # Self-attention: one [W, 3W] matmul for q, k and v (params stay separate, as HF).
       kernel = jnp.concatenate([self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]], 1)
       bias = jnp.concatenate([self.q.bias[...], self.k.bias[...], self.v.bias[...]])
@@ -257,7 +261,9 @@ class Attention(nnx.Module):
       q, k, v = (split_heads(y) for y in jnp.split(qkv, 3, axis=-1))
     else:
       q, k, v = split_heads(self.q(x)), split_heads(self.k(kv)), split_heads(self.v(kv))
-    if self.impl == "einsum":
+    if mask is not None:
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    elif self.impl == "einsum":
       y = einsum_attention(q, k, v, causal, kv_mask)
     else:  # scale head_dim^-0.5, float32 softmax; fused (cuDNN flash) where the backend has it
       mask = None if kv_mask is None else kv_mask[:, None, None, :]
@@ -295,48 +301,53 @@ class Block(nnx.Module):
 
 
 def make_blocks(cfg: TransformerConfig, *, rngs: nnx.Rngs,
-                mlp: MlpFactory | None = None) -> nnx.List | Block:
-  """`cfg.depth` blocks: an nnx.List (`blocks.<i>.…`), or with `scan_layers` one Block whose
+                mlp: MlpFactory | None = None,
+                block: Callable[..., nnx.Module] | None = None) -> nnx.List | nnx.Module:
+  """`cfg.depth` blocks: an nnx.List (`blocks.<i>.…`), or with `scan_layers` one block whose
   params are stacked on a leading axis named 'layers' (`blocks.…`, shape `[depth, …]`).
-  `mlp(i, rngs)` gives block i's MLP (None: dense); a scanned stack has one block type."""
-  def block_mlp(i: int) -> Callable[[nnx.Rngs], nnx.Module | None] | None:
-    return None if mlp is None else (lambda r: mlp(i, r))
+  `mlp(i, rngs)` gives block i's MLP (None: dense); a scanned stack has one block type.
+  `block(cfg, rngs=rngs)` builds a block other than `Block` (the caption decoder's)."""
+  def make(i: int, rngs: nnx.Rngs) -> nnx.Module:
+    if block is not None:
+      return block(cfg, rngs=rngs)
+    return Block(cfg, rngs=rngs, mlp=None if mlp is None else (lambda r: mlp(i, r)))
 
   if not cfg.scan_layers:
-    return nnx.List([Block(cfg, rngs=rngs, mlp=block_mlp(i)) for i in range(cfg.depth)])
+    return nnx.List([make(i, rngs) for i in range(cfg.depth)])
 
   @nnx.split_rngs(splits=cfg.depth)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS_METADATA)
-  def stacked(rngs: nnx.Rngs) -> Block:
-    return Block(cfg, rngs=rngs, mlp=block_mlp(0))
+  def stacked(rngs: nnx.Rngs) -> nnx.Module:
+    return make(0, rngs)
 
   return stacked(rngs)
 
 
-def apply_blocks(blocks: nnx.List | Block, x: jax.Array, *, remat: bool,
-                 causal: bool = False, kv_mask: jax.Array | None = None
+def apply_blocks(blocks: nnx.List | nnx.Module, x: jax.Array, *, remat: bool,
+                 causal: bool = False, **context: jax.Array | None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs the stack from `make_blocks`; `remat` recomputes each block in the backward pass.
-  `kv_mask` [B, T] bool: tokens the others may attend to (NaFlex padding is False).
-  Returns the tokens and the MoE layers' routing statistics averaged over those layers
-  ({} without MoE layers)."""
-  def step(block: Block, x: jax.Array, kv_mask: jax.Array | None
-           ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return block(x, causal, kv_mask)
+  `context` goes to every block unchanged (None entries are left out): `kv_mask` [B, T] bool,
+  the tokens the others may attend to (NaFlex padding is False); the caption decoder's image
+  tokens. Returns the tokens and the MoE layers' routing statistics averaged over those
+  layers ({} without MoE layers)."""
+  context = {k: v for k, v in context.items() if v is not None}
+
+  def step(block: nnx.Module, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return block(x, causal, **context)
 
   if remat:
     step = nnx.remat(step)
-  if isinstance(blocks, Block):  # scanned: one compiled body, weights sliced per layer
-    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
+  if not isinstance(blocks, nnx.List):  # scanned: one compiled body, weights sliced per layer
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
               transform_metadata=LAYERS_METADATA)
-    def body(x: jax.Array, block: Block, kv_mask: jax.Array | None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-      return step(block, x, kv_mask)
-    x, stats = body(x, blocks, kv_mask)
+    def body(x: jax.Array, block: nnx.Module) -> tuple[jax.Array, dict[str, jax.Array]]:
+      return step(block, x)
+    x, stats = body(x, blocks)
     return x, jax.tree.map(lambda s: s.mean(0), stats)
   per_layer = []
   for block in blocks:
-    x, stats = step(block, x, kv_mask)
+    x, stats = step(block, x)
     if stats:
       per_layer.append(stats)
   return x, (jax.tree.map(lambda *s: sum(s) / len(s), *per_layer) if per_layer else {})

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from big_clip import sharding
-from big_clip.models import llm, text, vit
+from big_clip.models import decoder, llm, text, vit
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -33,6 +33,7 @@ class TwoTower(nnx.Module):
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
     self.embed_dim = int(cfg.embed_dim)
+    self.eos_id, self.pad_id = int(cfg.text.eos_id), int(cfg.text.pad_id)
     self.image = vit.ViT(cfg, rngs=rngs)
     kind = cfg.text.kind
     if kind == "llm":
@@ -44,6 +45,9 @@ class TwoTower(nnx.Module):
     # CLIP: logit_scale = log(1/0.07); SigLIP: log(10) with logit_bias = -10.
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
     self.logit_bias = nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32))
+    # CoCa / CapPa caption decoder (config.loss.caption), absent unless decoder.depth > 0.
+    dec = cfg.get("decoder")
+    self.decoder = decoder.CaptionDecoder(cfg, rngs=rngs) if dec and dec.depth > 0 else None
 
   def encode_image(self, images: jax.Array, patch_noise: jax.Array | None = None
                    ) -> jax.Array:
@@ -80,6 +84,26 @@ class TwoTower(nnx.Module):
     chex.assert_shape(txt_emb, (tokens.shape[0], self.embed_dim))
     stats = {name: s for name, s in (("image", img_stats), ("text", txt_stats)) if s}
     return img_emb, txt_emb, stats
+
+  def embed_with_image_tokens(self, images: jax.Array, tokens: jax.Array,
+                              patch_noise: jax.Array | None = None
+                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`__call__` plus the image tower's last-block tokens [B, T', W] (for the decoder)."""
+    pooled, image_tokens = self.image.features(images, patch_noise)
+    img_emb = l2_normalize(pooled)
+    chex.assert_shape(img_emb, (images.shape[0], self.embed_dim))
+    return img_emb, self.encode_text(tokens), image_tokens
+
+  def caption(self, images: jax.Array, length: int, *, parallel: bool = False,
+              prefix: jax.Array | None = None) -> jax.Array:
+    """Greedy captions int32 [B, length] of [B, H, W, 3] normalized images, optionally
+    continuing `prefix` [B, P] (models/decoder.greedy_decode)."""
+    if self.decoder is None:
+      raise ValueError("This model has no caption decoder (config.model.decoder.depth=0); "
+                       "train with config.loss.caption.weight > 0.")
+    _, image_tokens = self.image.features(images)
+    return decoder.greedy_decode(self.decoder, image_tokens, length, eos_id=self.eos_id,
+                                 pad_id=self.pad_id, parallel=parallel, prefix=prefix)
 
   def scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
     """(exp(logit_scale), logit_bias) as float32 scalars. The cap logit_scale_max is kept

@@ -243,9 +243,25 @@ class ViT(nnx.Module):
   def forward(self, images: jax.Array, patch_noise: jax.Array | None = None
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """As `__call__`, and the MoE layers' routing statistics ({} without MoE)."""
+    x, valid = self.embed_any(images, patch_noise)
+    tokens, stats = self.transform(x, valid)
+    return self.pool_tokens(tokens, valid), stats
+
+  def features(self, images: jax.Array, patch_noise: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """(the `__call__` output, the last block's tokens [B, T', W]): one pass for the
+    contrastive embedding and the caption decoder's cross-attention."""
+    x, valid = self.embed_any(images, patch_noise)
+    tokens, _ = self.transform(x, valid)
+    return self.pool_tokens(tokens, valid), tokens
+
+  def embed_any(self, images: jax.Array, patch_noise: jax.Array | None
+                ) -> tuple[jax.Array, jax.Array | None]:
+    """(tokens with positional embeddings, valid [B, T'] bool or None = all) of images or,
+    with `naflex`, of NaFlex patch sequences."""
     if self.naflex:
-      return self.encode_tokens_with_stats(*self.embed_naflex(images))
-    return self.encode_tokens_with_stats(self.drop(self.embed(images), patch_noise))
+      return self.embed_naflex(images)
+    return self.drop(self.embed(images), patch_noise), None
 
   def drop(self, x: jax.Array, patch_noise: jax.Array | None) -> jax.Array:
     """FLIP patch dropout of `embed`'s tokens; identity without noise or at rate 0."""
@@ -288,14 +304,18 @@ class ViT(nnx.Module):
   def encode_tokens(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """Tokens [B, T', W] (all or the kept ones; `valid` [B, T'] bool marks the real ones,
     default all) -> unnormalized float32 [B, embed_dim]."""
-    return self.encode_tokens_with_stats(x, valid)[0]
+    return self.pool_tokens(self.transform(x, valid)[0], valid)
 
-  def encode_tokens_with_stats(self, x: jax.Array, valid: jax.Array | None = None
-                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """As `encode_tokens`, and the MoE layers' routing statistics ({} without MoE)."""
+  def transform(self, x: jax.Array, valid: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Embedded tokens [B, T', W] -> (the last block's output [B, T', W], the MoE layers'
+    routing statistics, {} without MoE)."""
     if self.use_ln_pre:
       x = self.ln_pre(x)
-    x, stats = layers.apply_blocks(self.blocks, x, remat=self.cfg.remat, kv_mask=valid)
+    return layers.apply_blocks(self.blocks, x, remat=self.cfg.remat, kv_mask=valid)
+
+  def pool_tokens(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """The last block's tokens [B, T', W] -> unnormalized float32 [B, embed_dim]."""
     if self.pool == "cls":  # CLIP: ln_post on the class token
       pooled = self.ln_post(x[:, 0])
     elif self.pool == "gap":  # mean of the (valid) patch tokens, then ln_post
@@ -307,4 +327,4 @@ class ViT(nnx.Module):
         pooled = self.ln_post((x * w).sum(axis=1) / w.sum(axis=1))
     else:  # SigLIP (HF SiglipVisionTransformer): post-LN on all tokens, then the MAP head
       pooled = self.head(self.ln_post(x), valid)
-    return (self.proj(pooled) if self.use_proj else pooled).astype(jnp.float32), stats
+    return (self.proj(pooled) if self.use_proj else pooled).astype(jnp.float32)
