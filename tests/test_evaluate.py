@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -131,8 +132,10 @@ def linear_towers(mesh, table_seed=0, dim=6, vocab=50):
     return e / jax.numpy.linalg.norm(e, axis=-1, keepdims=True)
 
   towers = towers_lib.Towers(jax.jit(image_fn), jax.jit(text_fn), mesh, WordTokenizer(vocab),
-                           batch_size=16, image_size=8, mean=(0.0, 0.0, 0.0),
-                           std=(1.0, 1.0, 1.0))
+                           batch_size=16, image_size=8,
+                           data_cfg=ml_collections.ConfigDict(dict(
+                               mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), max_patches=0,
+                               patch_size=0)))
   return towers, params
 
 

@@ -34,7 +34,8 @@ def v5e():
 
 def test_v5e_memory_flops_and_collectives(v5e):
   c = small_config()
-  assert v5e["chips"] == 4 and v5e["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert v5e["chips"] == 4 and v5e["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1,
+                                                      "expert": 1}
   m = v5e["per_chip_bytes"]
   assert m["arguments"] > 0 and m["temporaries"] > 0 and m["total"] > 0
   assert v5e["fits"] and v5e["hbm_bytes"] == 16 * 2**30

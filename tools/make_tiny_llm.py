@@ -26,13 +26,18 @@ from big_clip import config as config_lib  # noqa: E402
 from big_clip.data import embedded  # noqa: E402
 from big_clip.models import llm  # noqa: E402
 
-flags.DEFINE_string("out", None, "Folder to write.")
-flags.DEFINE_integer("vocab_size", 1024, "Tokenizer and embedding rows.")
-flags.DEFINE_integer("width", 64, "hidden_size.")
-flags.DEFINE_integer("depth", 2, "num_hidden_layers.")
-flags.DEFINE_integer("heads", 4, "num_attention_heads (num_key_value_heads = heads / 2).")
-flags.DEFINE_integer("seed", 0, "Init seed.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags: defined only when run as a program, so that importing
+  `write_tiny_llm` (tests) next to other tools with an --out flag does not clash."""
+  flags.DEFINE_string("out", None, "Folder to write.")
+  flags.DEFINE_integer("vocab_size", 1024, "Tokenizer and embedding rows.")
+  flags.DEFINE_integer("width", 64, "hidden_size.")
+  flags.DEFINE_integer("depth", 2, "num_hidden_layers.")
+  flags.DEFINE_integer("heads", 4, "num_attention_heads (num_key_value_heads = heads / 2).")
+  flags.DEFINE_integer("seed", 0, "Init seed.")
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
 
@@ -77,4 +82,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
