@@ -179,8 +179,9 @@ def _summary(workdir: str, rows: Sequence[Mapping[str, Any]]) -> str:
               ("text tower", f"{model.get('text', {}).get('kind', 'transformer')}, width "
                f"{model.get('text', {}).get('width')}, depth {model.get('text', {}).get('depth')}")]
   if rows:
-    last = rows[-1]
-    items += [("last logged step", last["step"])]
+    # The newest training row (eval scalars are logged as rows of their own at eval steps).
+    last = next((r for r in reversed(rows) if "loss" in r), rows[-1])
+    items += [("last logged step", rows[-1]["step"])]
     items += [(k, f"{last[k]:.4g}") for k in ("loss", "examples_per_s", "data_wait_fraction")
               if k in last]
   body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
