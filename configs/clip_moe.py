@@ -15,6 +15,12 @@ On a v5e-256 pod (32 FSDP x 8 expert; the batch is split over all 256 chips):
 
 `--config configs/clip_moe.py:local` is a tiny MoE model (4 experts, random init) on the
 embedded data, for a CPU smoke test.
+
+Compiled for a v5e-256 (python -m big_clip.plan --config configs/clip_moe.py --topology
+v5e:16x16; benchmarks/RESULTS.md): it does NOT fit as written: 18.1 GiB per chip of 16
+(temporaries 18.0 GiB); with optim.grad_accum_steps=2 still 17.0 GiB, and GSPMD's einsum
+dispatch then gathers ~860 GiB per chip per step. The pod recipe needs the shard_map
+all-to-all dispatch (benchmarks/moe_dispatch.py) before it is usable at this scale.
 """
 
 from big_clip import config as config_lib

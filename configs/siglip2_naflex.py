@@ -14,6 +14,11 @@ losses are not part of this recipe.
 
 `--config configs/siglip2_naflex.py:local` shrinks it to a 10-step CPU run on the embedded
 data (still NaFlex: 64 px base grid of 8 px patches, max_patches 64).
+
+Compiled for a v5e-256 (python -m big_clip.plan --config configs/siglip2_naflex.py
+--topology v5e:16x16; benchmarks/RESULTS.md): 2.67 GiB per chip of 16 with FSDP over all
+chips; 1082 MiB of all-reduces per chip per step. Not yet tuned like siglip_vit_b16
+(replicated weights: 388 MiB).
 """
 
 import math
