@@ -54,12 +54,15 @@ def _make_shards_module():
   return module
 
 
-def recipe(batch: int) -> config_lib.ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(
-      "clip_vit_b32", os.path.join(ROOT, "configs", "clip_vit_b32.py"))
+def _load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
+  return module.get_config(arg)
+
+
+def recipe(batch: int) -> config_lib.ml_collections.ConfigDict:
+  c = _load_config("clip_vit_b32")
   c.data.global_batch = batch
   c.model.dtype = "float32"  # CPU has no fast bfloat16 matmul; float32 is the faster step
   c.mesh.update(data=-1, fsdp=1, tensor=1)
@@ -109,13 +112,6 @@ def step_rate(c, steps: int) -> float:
     state, metrics = setup.step(state, sharding.place_batch(batch, mesh))
   jax.block_until_ready(metrics)
   return steps * gb / (time.perf_counter() - t0)
-
-
-def _load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def live_wait(name: str, steps: int, log_every: int) -> dict:
