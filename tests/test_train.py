@@ -15,6 +15,7 @@ import pytest
 
 from big_clip import config as config_lib
 from big_clip import sharding, steps, train
+from big_clip.errors import UserError
 from big_clip.models import adapt, two_tower
 from big_clip.data import pipeline, embedded, tokenizers
 
@@ -140,6 +141,32 @@ def test_grad_accumulation_of_one_batch_is_the_mean_of_its_micro_batch_gradients
   atol = 1e-6 * max(np.abs(g).max() for g in jax.tree.leaves(grads))
   jax.tree.map(lambda g, a, b: np.testing.assert_allclose(g, (a + b) / 2, rtol=1e-4, atol=atol),
                grads, *micro_grads)
+
+
+def test_optim_trainable_updates_only_the_matching_parameters_with_their_full_gradients():
+  # No clipping (its global norm would cover fewer gradients) and no warmup (lr > 0 now).
+  overrides = {"optim.clip_norm": 0.0, "optim.warmup_steps": 0}
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  batch = random_batch(tiny_config())
+
+  def one_step(config):
+    setup = steps.build(config, mesh)
+    before = adapt.flatten(jax.device_get(setup.state["params"]))
+    state, _ = setup.step(setup.state, sharding.place_batch(batch, mesh))
+    return (before, adapt.flatten(jax.device_get(state["params"])),
+            adapt.flatten(jax.device_get(adam_first_moment(state["opt"]))))
+
+  _, _, grads_full = one_step(tiny_config(**overrides))
+  before, after, grads = one_step(tiny_config(**overrides, **{"optim.trainable": r"\.mlp\."}))
+  moved = {k for k in after if not np.array_equal(after[k], before[k])}
+  assert moved == {k for k in after if ".mlp." in k} and moved
+  assert set(grads) == moved  # no optimizer state for the frozen parameters
+  for k in moved:
+    np.testing.assert_allclose(grads[k], grads_full[k], rtol=1e-5, atol=1e-9, err_msg=k)
+  with pytest.raises(config_lib.ConfigError, match="config.optim.trainable"):
+    config_lib.validate(tiny_config(**{"optim.trainable": "mlp("}))
+  with pytest.raises(UserError, match="matches no parameter"):
+    steps.build(tiny_config(**{"optim.trainable": "nope"}), mesh)
 
 
 def test_a_nan_batch_is_not_applied_and_is_counted():
