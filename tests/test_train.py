@@ -202,6 +202,41 @@ def test_stop_and_restart_on_the_same_workdir_continues_the_same_trajectory(tmp_
   assert sorted(_loss_curve(tmp_path / "a")) == [1, 2, 3, 4, 5, 6]
 
 
+def _logged_rows(workdir):
+  """{step: logged scalars} without the wall-clock ones (speed, data wait)."""
+  timing = ("steps_per_s", "examples_per_s", "data_wait_fraction")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(l) for l in f]
+  out = {}
+  for row in rows:
+    out.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k not in timing})
+  return out
+
+
+@pytest.mark.slow
+def test_an_moe_run_on_expert_2_x_data_4_resumes_exactly(tmp_path, spm_path):
+  # Top-2 of 4 experts in the second block of each tower, capacity 1.0 (so tokens are
+  # dropped), experts split over 2 devices: parameters, Adam's moments and every logged
+  # router statistic of the run stopped after step 4 (resumed from its step-3 checkpoint)
+  # equal the straight run's. No evals: three compilations of the step are the cost.
+  config = tiny_config(**{"data.tokenizer.path": spm_path, "mesh.data": 4, "mesh.expert": 2,
+                          "evals": ()})
+  for tower in ("image", "text"):
+    config.model[tower].moe.update(experts=4, top_k=2, every_n_layers=2, capacity_factor=1.0)
+  straight = train.train(config, str(tmp_path / "a"))
+  train.train(config, str(tmp_path / "b"), stop_after=4)
+  resumed = train.train(config, str(tmp_path / "b"))
+  assert straight["step"] == resumed["step"] == 6
+  for key in ("params", "opt"):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed[key]),
+                 jax.device_get(straight[key]))
+  rows_a, rows_b = _logged_rows(tmp_path / "a"), _logged_rows(tmp_path / "b")
+  assert sorted(rows_a) == [1, 2, 3, 4, 5, 6] and rows_b == rows_a
+  for tower in ("image", "text"):
+    assert {f"moe/{tower}_{s}" for s in ("load_balance", "router_z", "dropped")} <= set(rows_a[5])
+  assert 0 < rows_a[5]["moe/text_dropped"] < 1  # the capacity limit is exercised
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint_clean(
     tmp_path, spm_path, monkeypatch):
   config = tiny_config(**{"data.tokenizer.path": spm_path, "checkpoint.use_async": False})
