@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -241,6 +242,11 @@ def base() -> ml_collections.ConfigDict:
       # evaluate, export, predict and big_clip.load use it (--no_ema: the raw weights).
       # 0 = off. E.g. 0.999 for runs of many thousand steps (docs/training.md).
       ema_decay=0.0,
+      # '' = every parameter trains. Otherwise a regular expression searched in each dotted
+      # parameter path (e.g. 'image.blocks.0.mlp.fc1.kernel'): only matching parameters get
+      # gradients and optimizer state, the others stay as initialized or loaded (init_from).
+      # CLIP-MoE's cluster fine-tunes train the MLPs only: r'\.mlp\.' (docs/moe.md).
+      trainable="",
   )
   # expert: shards MoE experts (config.model.*.moe) and, as MaxText's, splits the batch
   # like data everywhere else; with no MoE layers expert=k is the same as data=k.
@@ -415,6 +421,11 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.optim.grad_accum_steps >= 1, "config.optim.grad_accum_steps must be >= 1.")
   need(0.0 <= c.optim.ema_decay < 1.0, f"config.optim.ema_decay={c.optim.ema_decay}; give a "
        "value in [0, 1): 0 turns the weight EMA off, e.g. 0.999 averages ~1000 steps.")
+  try:
+    re.compile(c.optim.trainable)
+  except re.error as e:
+    raise ConfigError(f"config.optim.trainable={c.optim.trainable!r} is not a regular "
+                      f"expression ({e}); e.g. r'\\.mlp\\.' trains the MLPs only.") from None
   need(c.data.global_batch % c.optim.grad_accum_steps == 0,
        f"config.data.global_batch={c.data.global_batch} is not divisible by "
        f"config.optim.grad_accum_steps={c.optim.grad_accum_steps}.")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
 import ml_collections
 import optax
+
+from big_clip.errors import UserError
 
 # Weight decay is applied to weight matrices only (Linear kernels, the token embedding) --
 # chosen by name, not rank, since scanned layers stack LayerNorm scales into [depth, W].
@@ -54,14 +57,21 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradie
 # Frozen weights (e.g. a frozen LLM base, models/llm.py `Frozen`) are nnx Variables that are
 # not nnx.Param. The train step differentiates and updates the `trainable` part only, so a
 # frozen base gets neither gradients nor optimizer state.
-def trainable_mask(model: Any) -> Any:
-  """Pure dict like `nnx.to_pure_dict(nnx.state(model))`: True where the leaf is nnx.Param."""
+def trainable_mask(model: Any, pattern: str = "") -> Any:
+  """Pure dict like `nnx.to_pure_dict(nnx.state(model))`: True where the leaf is nnx.Param
+  and, if `pattern` (config.optim.trainable) is set, its dotted path matches it (re.search).
+  """
   from flax import nnx
   from flax.nnx import traversals
 
   everything = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model)))
   params = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return traversals.unflatten_mapping({p: p in params for p in everything})
+  matches = lambda p: not pattern or re.search(pattern, ".".join(map(str, p))) is not None
+  mask = {p: p in params and matches(p) for p in everything}
+  if not any(mask.values()):
+    raise UserError(f"config.optim.trainable={pattern!r} matches no parameter; paths look "
+                    f"like {'.'.join(map(str, next(iter(params))))!r}.")
+  return traversals.unflatten_mapping(mask)
 
 
 def partition(tree: Any, mask: Any) -> tuple[Any, Any]:

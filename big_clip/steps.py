@@ -198,7 +198,7 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   tx, schedule = optim.make(config.optim, config.total_steps)
   repl = sharding.replicated(mesh)
   init_model = two_tower.init_fn(config.model, config.seed)
-  trainable = optim.trainable_mask(nnx.eval_shape(init_model))
+  trainable = optim.trainable_mask(nnx.eval_shape(init_model), config.optim.trainable)
 
   ema = config.optim.ema_decay > 0
   # The EMA starts at the weights: a copy (its own buffers, since the step donates both).

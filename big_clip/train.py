@@ -172,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   if jax.process_index() == 0 and (report := reporting.write_report(workdir)):
     logging.info("Report: %s", report)
   return {"step": step, "metrics": last, "eval": results, "compile_seconds": setup.compile_seconds,
-          "params": state["params"], "ema": state.get("ema")}
+          "params": state["params"], "opt": state["opt"], "ema": state.get("ema")}
 
 
 # ---------------------------------------------------------------------------------------------

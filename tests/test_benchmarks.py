@@ -134,3 +134,14 @@ def test_torch_patch_dropout_keeps_the_class_token_and_distinct_patches():
 def test_bad_patch_dropout_flag_names_it():
   with pytest.raises(ValueError, match="--patch_dropout='0.5,1'"):
     train_step.main(["--patch_dropout", "0.5,1", "--no_torch"])
+
+
+def test_moe_language_shares_count_the_top_k_choices_of_real_tokens_only():
+  from benchmarks import moe_languages
+
+  # Layer 1: token 0 picks experts 0, 1; token 1 picks 2, 0; token 2 is padding.
+  layer_1 = np.array([[[3.0, 2.0, 1.0], [2.0, 1.0, 3.0], [1.0, 3.0, 2.0]]])
+  layer_2 = np.array([[[0.0, 1.0, 2.0], [0.0, 2.0, 1.0], [9.0, 8.0, 0.0]]])  # 2, 1; 1, 2
+  real = np.array([[True, True, False]])
+  shares = moe_languages.expert_shares([layer_1, layer_2], real, top_k=2)
+  np.testing.assert_allclose(shares, [(0.5 + 0) / 2, (0.25 + 0.5) / 2, (0.25 + 0.5) / 2])

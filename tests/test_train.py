@@ -15,6 +15,7 @@ import pytest
 
 from big_clip import config as config_lib
 from big_clip import sharding, steps, train
+from big_clip.errors import UserError
 from big_clip.models import adapt, two_tower
 from big_clip.data import pipeline, embedded, tokenizers
 
@@ -142,6 +143,32 @@ def test_grad_accumulation_of_one_batch_is_the_mean_of_its_micro_batch_gradients
                grads, *micro_grads)
 
 
+def test_optim_trainable_updates_only_the_matching_parameters_with_their_full_gradients():
+  # No clipping (its global norm would cover fewer gradients) and no warmup (lr > 0 now).
+  overrides = {"optim.clip_norm": 0.0, "optim.warmup_steps": 0}
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  batch = random_batch(tiny_config())
+
+  def one_step(config):
+    setup = steps.build(config, mesh)
+    before = adapt.flatten(jax.device_get(setup.state["params"]))
+    state, _ = setup.step(setup.state, sharding.place_batch(batch, mesh))
+    return (before, adapt.flatten(jax.device_get(state["params"])),
+            adapt.flatten(jax.device_get(adam_first_moment(state["opt"]))))
+
+  _, _, grads_full = one_step(tiny_config(**overrides))
+  before, after, grads = one_step(tiny_config(**overrides, **{"optim.trainable": r"\.mlp\."}))
+  moved = {k for k in after if not np.array_equal(after[k], before[k])}
+  assert moved == {k for k in after if ".mlp." in k} and moved
+  assert set(grads) == moved  # no optimizer state for the frozen parameters
+  for k in moved:
+    np.testing.assert_allclose(grads[k], grads_full[k], rtol=1e-5, atol=1e-9, err_msg=k)
+  with pytest.raises(config_lib.ConfigError, match="config.optim.trainable"):
+    config_lib.validate(tiny_config(**{"optim.trainable": "mlp("}))
+  with pytest.raises(UserError, match="matches no parameter"):
+    steps.build(tiny_config(**{"optim.trainable": "nope"}), mesh)
+
+
 def test_a_nan_batch_is_not_applied_and_is_counted():
   config = tiny_config()
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
@@ -173,6 +200,41 @@ def test_stop_and_restart_on_the_same_workdir_continues_the_same_trajectory(tmp_
                  jax.device_get(straight[key]))
   assert _loss_curve(tmp_path / "b") == _loss_curve(tmp_path / "a")
   assert sorted(_loss_curve(tmp_path / "a")) == [1, 2, 3, 4, 5, 6]
+
+
+def _logged_rows(workdir):
+  """{step: logged scalars} without the wall-clock ones (speed, data wait)."""
+  timing = ("steps_per_s", "examples_per_s", "data_wait_fraction")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(l) for l in f]
+  out = {}
+  for row in rows:
+    out.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k not in timing})
+  return out
+
+
+@pytest.mark.slow
+def test_an_moe_run_on_expert_2_x_data_4_resumes_exactly(tmp_path, spm_path):
+  # Top-2 of 4 experts in the second block of each tower, capacity 1.0 (so tokens are
+  # dropped), experts split over 2 devices: parameters, Adam's moments and every logged
+  # router statistic of the run stopped after step 4 (resumed from its step-3 checkpoint)
+  # equal the straight run's. No evals: three compilations of the step are the cost.
+  config = tiny_config(**{"data.tokenizer.path": spm_path, "mesh.data": 4, "mesh.expert": 2,
+                          "evals": ()})
+  for tower in ("image", "text"):
+    config.model[tower].moe.update(experts=4, top_k=2, every_n_layers=2, capacity_factor=1.0)
+  straight = train.train(config, str(tmp_path / "a"))
+  train.train(config, str(tmp_path / "b"), stop_after=4)
+  resumed = train.train(config, str(tmp_path / "b"))
+  assert straight["step"] == resumed["step"] == 6
+  for key in ("params", "opt"):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed[key]),
+                 jax.device_get(straight[key]))
+  rows_a, rows_b = _logged_rows(tmp_path / "a"), _logged_rows(tmp_path / "b")
+  assert sorted(rows_a) == [1, 2, 3, 4, 5, 6] and rows_b == rows_a
+  for tower in ("image", "text"):
+    assert {f"moe/{tower}_{s}" for s in ("load_balance", "router_z", "dropped")} <= set(rows_a[5])
+  assert 0 < rows_a[5]["moe/text_dropped"] < 1  # the capacity limit is exercised
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint_clean(
