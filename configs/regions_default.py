@@ -5,9 +5,10 @@ of it with one attribute swapped). docs/regions.md.
 
   python -m big_clip.train --config configs/regions_default.py --workdir /tmp/big_clip_regions
 
-Arguments: 'quick' (200 steps, for smoke checks); 'baseline' / 'baseline_quick': the same
-run and evals without the region loss and hard negatives (the comparison at equal steps);
-'regions_only' / 'negatives_only': one of the two.
+Arguments: 'quick' (200 steps, for smoke checks); 'baseline': the same run and evals
+without the region loss and hard negatives (the comparison at equal steps);
+'regions_only' / 'negatives_only': one of the two; a '_quick' suffix makes any of them
+200 steps (benchmarks/RESULTS.md compares them).
 """
 
 import importlib.util
@@ -19,7 +20,8 @@ _SPEC = importlib.util.spec_from_file_location(
 default = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(default)
 
-ARGS = ("quick", "baseline", "baseline_quick", "regions_only", "negatives_only")
+ARGS = ("quick", "baseline", "baseline_quick", "regions_only", "regions_only_quick",
+        "negatives_only", "negatives_only_quick")
 
 
 def get_config(arg: str | None = None):
@@ -28,8 +30,9 @@ def get_config(arg: str | None = None):
                      f"{', '.join(ARGS)}.")
   quick = arg is not None and arg.endswith("quick")
   c = default.get_config("quick" if quick else None)
-  regions = arg in (None, "quick", "regions_only")
-  negatives = arg in (None, "quick", "negatives_only")
+  variant = arg.removesuffix("_quick").removesuffix("quick") if arg else ""
+  regions = variant in ("", "regions_only")
+  negatives = variant in ("", "negatives_only")
   if regions:
     c.data.max_regions = 3  # an embedded image has 1-3 objects
     c.model.region.depth = 1
