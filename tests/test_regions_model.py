@@ -10,6 +10,7 @@ from flax import nnx
 
 from big_clip import config as config_lib
 from big_clip import sharding
+from big_clip.convert import pretrained
 from big_clip.losses import hard_negatives, region
 from big_clip.models import region as region_model
 from big_clip.models import two_tower
@@ -165,3 +166,11 @@ def _flat(d, prefix=""):
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def test_export_leaves_the_prompter_out_and_says_so(caplog):
+  params = {"image": {}, "text": {}, "logit_scale": 0.0, "region": {"proj": {}}}
+  with caplog.at_level("WARNING"):
+    towers = pretrained.towers_only(params, "transformers")
+  assert "region" not in towers and set(towers) == {"image", "text", "logit_scale"}
+  assert "no region prompter" in caplog.text
