@@ -420,7 +420,9 @@ class SourceIterator:
   'text': int32 [b, max_len]} of a real source; b = global_batch / process_count. With
   config.data.pair_language also 'text_pair': int32 [b, max_len], another caption of each
   image in that language; with `with_short_captions` (Long-CLIP's PCM loss) 'text_short',
-  each image's short caption (`short_caption`).
+  each image's short caption (`short_caption`); with config.data.max_regions > 0
+  'region_boxes', 'region_mask' and 'region_text', each image's boxes after its crop and
+  flip (data/regions.py).
 
   `get_state()` is the position after the last batch handed out; batches built ahead by
   the prefetch thread are not counted, and `set_state` discards them.
