@@ -260,6 +260,24 @@ def base() -> ml_collections.ConfigDict:
   # 'long_captions:embedded,limit=200'. The bare 'zeroshot:embedded' runs
   # eval.zeroshot_tasks when training on the embedded data.
   c.evals = ("zeroshot:embedded",)
+  # Region-text alignment and hard attribute negatives (CLOC, Chen et al. 2024; FG-CLIP 2,
+  # Xie et al. 2025; docs/regions.md). All off by default.
+  # data.max_regions: boxes carried per example from the 'regions' field (padded, masked;
+  # they follow crops and flips; data/regions.py). 0 = none.
+  c.data.max_regions = 0
+  # model.region: CLOC's prompter (models/region.py): a box -> RoI-pooled patch tokens +
+  # a box prompt embedding -> `depth` attention-pooling blocks over the box's patches ->
+  # the joint space. depth 0 = no prompter. Width, heads and MLP are the image tower's.
+  c.model.region = dict(depth=0)
+  # + region_weight * the region-text contrastive loss over every valid region of the
+  # global batch (losses/region.py); needs data.max_regions > 0 and model.region.depth > 0.
+  c.loss.region_weight = 0.0
+  # FG-CLIP 2's hard fine-grained negatives: per caption, this many captions of the same
+  # form with one attribute swapped (colour, shape, size, count, position; embedded data
+  # only), + hard_negative_weight * the cross-entropy of each image over its caption and
+  # them (losses/hard_negatives.py). 0 = off.
+  c.loss.hard_negatives = 0
+  c.loss.hard_negative_weight = 1.0
   c.lock()  # no new keys: a misspelled key in a recipe fails where it is written
   for key in FREE_MAPPINGS:  # ...except inside free mappings (language -> weight)
     section, name = key.rsplit(".", 1)
@@ -475,6 +493,7 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
   need(c.data.source.partition(":")[2] != "" or c.data.source == "embedded",
        f"config.data.source={c.data.source!r} names no location, e.g. 'shards:/data/*.tar'.")
   _validate_long_captions(c)
+  _validate_regions(c)
   _validate_moe(c)
   _validate_caption(c)
   validate_llm(c.model.text.llm)
@@ -504,6 +523,51 @@ def _validate_caption_contrast(c: ml_collections.ConfigDict) -> None:
        "config.loss.distill, config.loss.text_pair_weight and config.loss.accum_steps.")
   need(c.loss.name == "softmax", f"config.loss.caption_contrast uses the softmax "
        f"loss (InfoNCE, as LLM2Vec / LLM2CLIP); config.loss.name={c.loss.name!r}.")
+
+
+def _validate_regions(c: ml_collections.ConfigDict) -> None:
+  """config.data.max_regions, config.model.region, config.loss.region_weight and
+  config.loss.hard_negatives."""
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(msg)
+
+  need(c.data.max_regions >= 0, f"config.data.max_regions={c.data.max_regions} must be >= 0 "
+       "(0 = no regions).")
+  need(c.model.region.depth >= 0, f"config.model.region.depth={c.model.region.depth} must be "
+       ">= 0 (0 = no region prompter).")
+  need(c.loss.region_weight >= 0, f"config.loss.region_weight={c.loss.region_weight} must be "
+       ">= 0 (0 = off).")
+  on = c.loss.region_weight > 0
+  need(on == (c.model.region.depth > 0) == (c.data.max_regions > 0),
+       f"config.loss.region_weight={c.loss.region_weight}, config.model.region.depth="
+       f"{c.model.region.depth} and config.data.max_regions={c.data.max_regions} go together: "
+       "the prompter is trained only by the region loss, which reads the regions; set all "
+       "three (e.g. 1.0, 1, 3) or none.")
+  need(c.loss.hard_negatives >= 0 and c.loss.hard_negative_weight >= 0,
+       f"config.loss.hard_negatives={c.loss.hard_negatives} and hard_negative_weight="
+       f"{c.loss.hard_negative_weight} must be >= 0 (0 negatives = off).")
+  if c.loss.hard_negatives:
+    need(c.data.source == "embedded" and c.data.long_captions == 0
+         and not c.data.pair_language,
+         "config.loss.hard_negatives swaps attributes with the embedded data's grammar: it "
+         "needs config.data.source='embedded' (user swap lists for other sources are not "
+         "supported yet), no long captions and no pair_language.")
+  if not (on or c.loss.hard_negatives):
+    return
+  need(c.loss.accum_steps == 1, f"config.loss.accum_steps={c.loss.accum_steps} (gradient "
+       "cache) covers the contrastive loss only; set it to 1 with the region loss or hard "
+       "negatives (use optim.grad_accum_steps for memory).")
+  if on:
+    need(not (c.model.image.moe.experts or c.model.text.moe.experts or c.model.image.naflex
+              or c.model.image.patch_dropout or c.loss.caption.weight > 0),
+         "config.loss.region_weight with MoE towers, NaFlex, patch dropout or the caption "
+         "loss is not supported yet (the prompter reads the full square patch grid); turn "
+         "one of them off.")
+    need(c.model.text.kind == "clip" or not c.model.text.llm.cache_dir,
+         "config.loss.region_weight embeds region captions with the text tower; "
+         "config.model.text.llm.cache_dir feeds cached features for the drawn captions "
+         "only; unset the cache.")
 
 
 def _validate_moe(c: ml_collections.ConfigDict) -> None:

@@ -55,6 +55,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   ema_decay = config.optim.ema_decay
   extra_terms = auxiliary.make(config)  # Long-CLIP short captions, distillation (or None)
   captioning = config.loss.caption.weight > 0
+  # The caption decoder and the region prompter read the image tower's last-block tokens.
+  with_tokens = captioning or config.loss.region_weight > 0
   split = ((lambda p: optim.partition(p, trainable)) if trainable is not None
            else (lambda p: (p, {})))
 
@@ -69,7 +71,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                           mntp_weight=mntp_weight)
       return loss, (scale, bias, parts)
     image_tokens = None
-    if captioning:  # one image pass for both losses (no MoE towers: config validation)
+    if with_tokens:  # one image pass for all losses (no MoE towers: config validation)
       img_emb, txt_emb, image_tokens = model.embed_with_image_tokens(
           batch["image"], batch["text"], batch.get("patch_noise"))
       moe_stats = {}

@@ -61,7 +61,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   tokenizer = pipeline.build_tokenizer(config, workdir)
   data_iter = pipeline.make(config.data, jax.process_index(), jax.process_count(),
                             tokenizer=tokenizer, seed=config.seed,
-                            with_short_captions=config.loss.long_clip.enabled)
+                            with_short_captions=config.loss.long_clip.enabled,
+                            hard_negatives=config.loss.hard_negatives)
   teacher_dim = None
   if config.loss.distill.enabled:  # the frozen teacher embeds every batch on the host side
     distill_teacher = teacher.Teacher(config.loss.distill.teacher, config, tokenizer.model_path)

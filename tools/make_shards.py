@@ -45,14 +45,14 @@ def _read(path: str) -> bytes:
     return f.read()
 
 
-def from_manifest(path: str, split: str | None) -> list[tuple[str, dict, int | None]]:
-  """(image path, captions, label) of each item."""
-  return [(item.image, dict(item.captions), item.label)
+def from_manifest(path: str, split: str | None) -> list[tuple[str, dict, int | None, tuple]]:
+  """(image path, captions, label, regions) of each item."""
+  return [(item.image, dict(item.captions), item.label, tuple(item.regions))
           for item in manifest_lib.load(path, split).items]
 
 
 def from_folder(images: str, captions_tsv: str, language: str
-                ) -> list[tuple[str, dict, int | None]]:
+                ) -> list[tuple[str, dict, int | None, tuple]]:
   captions: dict[str, list[str]] = {}
   with tf.io.gfile.GFile(captions_tsv, "r") as f:
     for n, line in enumerate(f, 1):
@@ -62,17 +62,18 @@ def from_folder(images: str, captions_tsv: str, language: str
       if not sep:
         raise ValueError(f"{captions_tsv}:{n}: expected 'image<TAB>caption', got {line!r}.")
       captions.setdefault(rel, []).append(text)
-  return [(os.path.join(images, rel), {language: caps}, None) for rel, caps in captions.items()]
+  return [(os.path.join(images, rel), {language: caps}, None, ())
+          for rel, caps in captions.items()]
 
 
-def examples(items: list[tuple[str, dict, int | None]], repeat: int
+def examples(items: list[tuple[str, dict, int | None, tuple]], repeat: int
              ) -> Iterator[shards.RawExample]:
   for r in range(repeat):
-    for image_path, captions, label in items:
+    for image_path, captions, label, regions in items:
       key, ext = os.path.splitext(os.path.basename(image_path))
       key = key.replace(".", "_") + (f"_r{r}" if repeat > 1 else "")
       yield shards.RawExample(key, _read(image_path), ext.lstrip(".").lower() or "jpg",
-                              captions, {}, label)
+                              captions, {}, label, regions)
 
 
 def main(argv: list[str]) -> None:

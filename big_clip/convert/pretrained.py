@@ -140,15 +140,20 @@ def _write_tokenizer(config: ml_collections.ConfigDict, tokenizer_path: str | No
   fileio.write(os.path.join(out, TOKENIZER_NOTE), "\n".join(lines))
 
 
+# Parts beyond the two towers that neither format has a place for: (key, what, config).
+_EXTRA_PARTS = (("decoder", "caption decoder", "config.model.decoder"),
+                ("region", "region prompter", "config.model.region"))
+
+
 def towers_only(params: Mapping[str, Any], fmt: str) -> Mapping[str, Any]:
-  """`params` without the caption decoder (config.loss.caption), which neither format has a
-  place for: the export is the two towers, as a plain CLIP / SigLIP model."""
-  if params.get("decoder") is None:
-    return params
-  logging.warning("%s has no caption decoder: exporting the image and text towers only "
-                  "(the decoder of config.model.decoder stays in the big_clip checkpoint).",
-                  fmt)
-  return {k: v for k, v in params.items() if k != "decoder"}
+  """`params` without the caption decoder (config.loss.caption) and the region prompter
+  (config.loss.region_weight), which neither format has a place for: the export is the two
+  towers, as a plain CLIP / SigLIP model."""
+  for key, what, where in _EXTRA_PARTS:
+    if params.get(key) is not None:
+      logging.warning("%s has no %s: exporting the image and text towers only (the %s of "
+                      "%s stays in the big_clip checkpoint).", fmt, what, what, where)
+  return {k: v for k, v in params.items() if k not in {key for key, _, _ in _EXTRA_PARTS}}
 
 
 def to_hf(params: Mapping[str, Any], config: ml_collections.ConfigDict, out: str, *,

@@ -15,8 +15,9 @@ tells them apart), objects that never touch (one per quadrant when there are sev
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -180,15 +181,28 @@ def random_attrs(rng: np.random.Generator) -> dict:
           "position": int(rng.integers(len(POSITIONS))) if count == 1 else NO_POSITION}
 
 
-def _render(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, dict]:
+def _render(rng: np.random.Generator, image_size: int
+            ) -> tuple[np.ndarray, dict, np.ndarray]:
   attrs = random_attrs(rng)
   image = _background(rng, image_size)
   r = _RADIUS[attrs["size"]] * image_size * rng.uniform(1 - _RADIUS_JITTER, 1 + _RADIUS_JITTER)
   colour = PALETTE[attrs["colour"]] + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3)
   extent = r * _EXTENT[attrs["shape"]]
-  for cy, cx in _centres(rng, attrs["count"], attrs["position"], extent, image_size):
+  centres = _centres(rng, attrs["count"], attrs["position"], extent, image_size)
+  for cy, cx in centres:
     _paint(image, attrs["shape"], cy, cx, r, extent, colour)
-  return np.clip(image, 0, 255).astype(np.uint8), attrs
+  # Each object's box (with its outline), from values already drawn: no extra draws, so
+  # every existing field of every example stays the same.
+  reach = extent + _OUTLINE_PX
+  boxes = np.clip(np.array([[cx - reach, cy - reach, cx + reach, cy + reach]
+                            for cy, cx in centres], np.float32) / image_size, 0.0, 1.0)
+  return np.clip(image, 0, 255).astype(np.uint8), attrs, boxes
+
+
+def _check_size(image_size: int) -> None:
+  if image_size < 16:
+    raise ValueError(f"image_size={image_size} is too small to draw shapes; use >= 16 "
+                     "(config.data.image_size).")
 
 
 def render_example(seed: int, split: str, index: int, image_size: int
@@ -198,9 +212,14 @@ def render_example(seed: int, split: str, index: int, image_size: int
   attrs: shape, colour, size (indices into SHAPES, COLOURS, SIZES), count (1-3) and
   position (index into POSITIONS, or NO_POSITION=-1 when there are several objects).
   """
-  if image_size < 16:
-    raise ValueError(f"image_size={image_size} is too small to draw shapes; use >= 16 "
-                     "(config.data.image_size).")
+  return render_with_boxes(seed, split, index, image_size)[:2]
+
+
+def render_with_boxes(seed: int, split: str, index: int, image_size: int
+                      ) -> tuple[np.ndarray, dict, np.ndarray]:
+  """`render_example` and every object's box, float32 [count, 4] = [x0, y0, x1, y1]
+  relative to the image (the shape's reach plus its outline)."""
+  _check_size(image_size)
   return _render(example_rng(seed, split, index), image_size)
 
 
@@ -222,18 +241,128 @@ def _scene(attrs: dict) -> embedded_captions.Scene:
 def caption(attrs: dict, lang: str, rng: np.random.Generator) -> str:
   """A caption of `attrs` in `lang`: usually a random full template (sometimes without
   the size); sometimes only the shape noun, a shape-only or a colour-only phrase."""
-  language = _language(lang)
   scene = _scene(attrs)
+  return _caption_form(_language(lang), scene, rng)(scene)
+
+
+# A caption's form: the same words for any scene ('scene -> text', None when the scene
+# has no such template, e.g. a position template for several objects).
+CaptionForm = Callable[[embedded_captions.Scene], "str | None"]
+
+
+def _caption_form(language: embedded_captions.Language, scene: embedded_captions.Scene,
+                  rng: np.random.Generator) -> CaptionForm:
+  """The form `caption` draws for `scene`: the draws of `caption`, in its order."""
   draw = rng.random()
   if draw < _CAPTION_BARE_SHAPE:
-    return language.bare_shape(scene)
+    return language.bare_shape
   draw -= _CAPTION_BARE_SHAPE
   if draw < _CAPTION_SHAPE_ONLY + _CAPTION_COLOUR_ONLY:
-    colour_only, shape_only = language.partial(scene)
-    return shape_only if draw < _CAPTION_SHAPE_ONLY else colour_only
-  size = None if rng.random() < _CAPTION_OMITS_SIZE else scene.size
-  options = language.full(scene, size)
-  return options[int(rng.integers(len(options)))]
+    which = 1 if draw < _CAPTION_SHAPE_ONLY else 0  # (colour only, shape only)
+    return lambda s: language.partial(s)[which]
+  omit_size = rng.random() < _CAPTION_OMITS_SIZE
+  k = int(rng.integers(len(language.full(scene, None if omit_size else scene.size))))
+
+  def full(s: embedded_captions.Scene) -> str | None:
+    options = language.full(s, None if omit_size else s.size)
+    return options[k] if k < len(options) else None
+  return full
+
+
+# ---------------------------------------------------------------------------------------
+# Attribute swaps (FG-CLIP 2's hard fine-grained negatives) and region captions.
+# ---------------------------------------------------------------------------------------
+SWAP_KINDS = ("colour", "shape", "size", "count", "position")
+
+
+def swapped_scenes(scene: embedded_captions.Scene
+                   ) -> list[tuple[str, embedded_captions.Scene]]:
+  """(kind, scene) for every scene that differs from `scene` in exactly one attribute of
+  SWAP_KINDS. A single object that becomes several loses its position; several that become
+  one are put in the centre (any position is wrong for that image: its count is)."""
+  out = [("colour", dataclasses.replace(scene, colour=c))
+         for c in range(len(COLOURS)) if c != scene.colour]
+  out += [("shape", dataclasses.replace(scene, shape=k))
+          for k in range(len(SHAPES)) if k != scene.shape]
+  out.append(("size", dataclasses.replace(scene, size=1 - scene.size)))
+  for n in COUNTS:
+    if n != scene.count:
+      position = NO_POSITION if n > 1 else (scene.position if scene.count == 1 else 4)
+      out.append(("count", dataclasses.replace(scene, count=n, position=position)))
+  if scene.count == 1:
+    out += [("position", dataclasses.replace(scene, position=p))
+            for p in range(len(POSITIONS)) if p != scene.position]
+  return out
+
+
+def swapped_captions(form: CaptionForm, scene: embedded_captions.Scene
+                     ) -> list[tuple[str, str]]:
+  """(kind, caption) in `form` of every one-attribute swap of `scene` whose text differs
+  from the scene's own caption (a form that never names the size has no size swap), one
+  per distinct text."""
+  own = form(scene)
+  seen, out = {own}, []
+  for kind, other in swapped_scenes(scene):
+    text = form(other)
+    if text is not None and text not in seen:
+      seen.add(text)
+      out.append((kind, text))
+  return out
+
+
+def caption_with_negatives(attrs: dict, lang: str, rng: np.random.Generator, k: int,
+                           negative_rng: np.random.Generator) -> tuple[str, list[str]]:
+  """(`caption(attrs, lang, rng)` with the same draws, `k` hard negatives): captions of the
+  same form with one attribute swapped, drawn without replacement by `negative_rng`;
+  '' pads when the form has fewer swaps (a bare shape noun has only shape and count)."""
+  scene = _scene(attrs)
+  form = _caption_form(_language(lang), scene, rng)
+  swaps = swapped_captions(form, scene)
+  picked = [swaps[i][1] for i in negative_rng.permutation(len(swaps))[:k]]
+  return form(scene), picked + [""] * (k - len(picked))
+
+
+def region_captions(attrs: dict, lang: str) -> list[str]:
+  """Every caption of one object of `attrs` (each box holds one): the full templates with
+  its size, no count and no position (a box's place is the box itself, and it moves with
+  crops and flips)."""
+  one = dataclasses.replace(_scene(attrs), count=1, position=NO_POSITION)
+  return _language(lang).full(one, one.size)
+
+
+def region_set(n: int, seed: int, image_size: int
+               ) -> tuple[np.ndarray, list[np.ndarray], list[dict]]:
+  """(images uint8 [n, H, W, 3], each image's boxes [count, 4], its attrs) from the
+  held-out 'test' split (evals/regions.py)."""
+  examples = [render_with_boxes(seed, "test", index, image_size) for index in range(n)]
+  return (np.stack([e[0] for e in examples]), [e[2] for e in examples],
+          [e[1] for e in examples])
+
+
+def fine_grained_set(n: int, seed: int, image_size: int, lang: str
+                     ) -> tuple[np.ndarray, list[str], list[list[tuple[str, str]]]]:
+  """(images uint8 [n, H, W, 3] of the 'test' split, one full caption of each naming its
+  size, and every (kind, caption) of that form with one attribute swapped) for the
+  fine-grained test (evals/fine_grained.py): the template is drawn per image."""
+  language = _language(lang)
+  images, positives, siblings = [], [], []
+  for index in range(n):
+    image, attrs = render_example(seed, "test", index, image_size)
+    scene = _scene(attrs)
+    k = int(np.random.default_rng([seed, 0xF16, index]).integers(
+        len(language.full(scene, scene.size))))
+    form = lambda s, k=k: (lambda o: o[k] if k < len(o) else None)(language.full(s, s.size))
+    images.append(image)
+    positives.append(form(scene))
+    siblings.append(swapped_captions(form, scene))
+  return np.stack(images), positives, siblings
+
+
+def regions(attrs: dict, boxes: np.ndarray, languages: Sequence[str]) -> list[dict]:
+  """The example's `regions` field (data/regions.py): every object's box with its captions
+  in `languages`."""
+  captions = {lang: region_captions(attrs, lang) for lang in languages}
+  return [{"box": [float(v) for v in box], "captions": captions} for box in boxes]
 
 
 def zeroshot_prompts(lang: str) -> list[str]:

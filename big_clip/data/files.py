@@ -42,10 +42,12 @@ from PIL import Image
 from big_clip.data import languages as languages_lib
 from big_clip.data import manifest as manifest_lib
 from big_clip.data import naflex as naflex_lib
+from big_clip.data import regions as regions_lib
 from big_clip.data import shards
 from big_clip.errors import UserError
 
 _CROP_STREAM, _CAPTION_STREAM, _FLIP_STREAM, _PAIR_STREAM = 1, 2, 3, 4  # independent draws
+_REGION_STREAM = 5
 _TFDS_LABEL_TEMPLATE = "a photo of a {}."
 _TFDS_FILE = -1  # the 'file' part of a tfds example's rng key
 
@@ -66,7 +68,15 @@ def naflex_setting(data_cfg: ml_collections.ConfigDict) -> tuple[int, int] | Non
 # ---------------------------------------------------------------------------------------
 def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None,
                     min_scale: float, naflex: tuple[int, int] | None = None) -> np.ndarray:
-  """uint8 [size, size, 3]. With `rng`: Inception-style random-resized crop (area fraction
+  """uint8 [size, size, 3]; `decode_crop_box` without the box."""
+  return decode_crop_box(data, size, rng, min_scale, naflex)[0]
+
+
+def decode_crop_box(data: bytes, size: int, rng: np.random.Generator | None,
+                    min_scale: float, naflex: tuple[int, int] | None = None
+                    ) -> tuple[np.ndarray, tuple[float, float, float, float], tuple[int, int]]:
+  """(image, the crop (left, top, right, bottom) in pixels of the decoded image, its
+  (width, height)); image uint8 [size, size, 3]. With `rng`: Inception-style random-resized crop (area fraction
   in [min_scale, 1], aspect ratio in [3/4, 4/3], as torchvision / open_clip); without:
   the centred square of the shorter side (CLIP's eval transform). Bicubic resize.
 
@@ -86,12 +96,13 @@ def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None,
     box = box or (0, 0, w, h)
     p, max_patches = naflex
     rows, cols = naflex_lib.grid_size(box[3] - box[1], box[2] - box[0], p, max_patches)
-    return np.asarray(img.resize((cols * p, rows * p), Image.Resampling.BILINEAR, box=box),
-                      np.uint8)
+    return (np.asarray(img.resize((cols * p, rows * p), Image.Resampling.BILINEAR, box=box),
+                       np.uint8), box, (w, h))
   if box is None:
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-  return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=box), np.uint8)
+  return (np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=box), np.uint8),
+          box, (w, h))
 
 
 def _crop_box(w: int, h: int, rng: np.random.Generator, min_scale: float
@@ -162,6 +173,7 @@ class Processing:
   pair_language: str = ""  # '': no paired caption
   short_caption: bool = False  # the second caption is the image's short one (Long-CLIP)
   naflex: tuple[int, int] | None = None  # (patch_size, max_patches): aspect ratio kept
+  max_regions: int = 0  # regions carried per example (data/regions.py)
 
   @classmethod
   def from_config(cls, data_cfg: ml_collections.ConfigDict, seed: int,
@@ -170,18 +182,23 @@ class Processing:
     return cls(int(seed), int(data_cfg.image_size), float(data_cfg.crop_min_scale),
                languages, weights, float(data_cfg.long_caption_prob),
                float(data_cfg.flip_prob), str(data_cfg.pair_language), bool(short_caption),
-               naflex_setting(data_cfg))
+               naflex_setting(data_cfg), int(data_cfg.max_regions))
 
   def __call__(self, raw: shards.RawExample, epoch: int, file: int, item: int
-               ) -> tuple[np.ndarray, str, str]:
+               ) -> tuple[np.ndarray, str, str, tuple]:
+    """(image, caption, paired caption or '', regions): regions = (boxes [R, 4], mask [R],
+    captions [R]) in the crop's coordinates (R = max_regions; all padding without)."""
     key = [self.seed, epoch, file + 1, item]  # file + 1: tfds's -1 stays non-negative
     crop_rng = (np.random.default_rng(key + [_CROP_STREAM]) if self.crop_min_scale < 1
                 else None)
-    image = decode_and_crop(raw.image, self.image_size, crop_rng, self.crop_min_scale,
-                            self.naflex)
-    if (self.flip_prob > 0
-        and np.random.default_rng(key + [_FLIP_STREAM]).random() < self.flip_prob):
+    image, crop, (w, h) = decode_crop_box(raw.image, self.image_size, crop_rng,
+                                          self.crop_min_scale, self.naflex)
+    boxes, kept = regions_lib.crop_boxes([r[0] for r in raw.regions], crop, w, h)
+    flip = (self.flip_prob > 0
+            and np.random.default_rng(key + [_FLIP_STREAM]).random() < self.flip_prob)
+    if flip:
       image = np.ascontiguousarray(image[:, ::-1])
+      boxes = regions_lib.flip_boxes(boxes)
     rng = np.random.default_rng(key + [_CAPTION_STREAM])
     captions = raw.captions
     use_long = rng.random() < self.long_caption_prob  # always drawn: same stream either way
@@ -195,7 +212,10 @@ class Processing:
     elif self.pair_language:  # from the short captions, on a stream of its own
       pair = pair_caption(raw.captions, self.pair_language, text,
                           np.random.default_rng(key + [_PAIR_STREAM]))
-    return image, text, pair
+    region_texts = regions_lib.choose_captions(
+        [raw.regions[i][1] for i in kept], language, self.languages,
+        np.random.default_rng(key + [_REGION_STREAM]))
+    return image, text, pair, regions_lib.pad(boxes, region_texts, self.max_regions)
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,7 +265,8 @@ def manifest_source(path: str, split: str, process_index: int, process_count: in
     except (tf.errors.NotFoundError, OSError) as e:
       raise shards.BadSample("unreadable_file", f"{item.image}: {e}") from e
     ext = item.image.rsplit(".", 1)[-1].lower()
-    return shards.RawExample(item.image, data, ext, item.captions, {}, item.label)
+    return shards.RawExample(item.image, data, ext, item.captions, {}, item.label,
+                             item.regions)
 
   refs = np.stack([np.zeros(len(items), np.int64), np.arange(len(items))], 1)
   return FileSource(f"manifest:{path} (split {split!r})", refs[process_index::process_count],
@@ -266,29 +287,39 @@ def _reason_code(reason: str) -> int:
     return _REASONS.index(reason)
 
 
-def _processed(fn: Callable[..., tuple[np.ndarray, str, str]], size: int
-               ) -> Callable[..., tuple[np.int32, np.ndarray, bytes, bytes]]:
-  """Wraps `fn` so a BadSample becomes (reason code, blank image, b'', b'')."""
+def _processed(fn: Callable[..., tuple[np.ndarray, str, str, tuple]], size: int,
+               max_regions: int) -> Callable[..., tuple]:
+  """Wraps `fn` so a BadSample becomes (reason code, blank image, b'', b'', no regions);
+  regions travel as (boxes float32 [R, 4], mask bool [R], captions bytes [R])."""
+  encode = lambda texts: np.array([t.encode("utf-8") for t in texts], dtype=object
+                                  ).reshape(len(texts))
 
   def run(*args):
     try:
-      image, text, pair = fn(*args)
-      return np.int32(0), image, text.encode("utf-8"), pair.encode("utf-8")
+      image, text, pair, (boxes, mask, texts) = fn(*args)
+      return (np.int32(0), image, text.encode("utf-8"), pair.encode("utf-8"), boxes, mask,
+              encode(texts))
     except shards.BadSample as e:
-      return np.int32(_reason_code(e.reason)), np.zeros((size, size, 3), np.uint8), b"", b""
+      return (np.int32(_reason_code(e.reason)), np.zeros((size, size, 3), np.uint8), b"",
+              b"", *regions_lib.pad(np.zeros((0, 4)), [], max_regions)[:2],
+              encode([""] * max_regions))
 
   return run
 
 
-def _map_processed(ds: tf.data.Dataset, fn: Callable, size: int) -> tf.data.Dataset:
-  """(position, *inputs) -> (position, reason code, image uint8, caption, paired caption)
-  in parallel, order kept, with a prefetch buffer."""
-  wrapped = _processed(fn, size)
+def _map_processed(ds: tf.data.Dataset, fn: Callable, size: int, max_regions: int
+                   ) -> tf.data.Dataset:
+  """(position, *inputs) -> (position, reason code, image uint8, caption, paired caption,
+  region boxes, region mask, region captions) in parallel, order kept, with a prefetch
+  buffer."""
+  wrapped = _processed(fn, size, max_regions)
 
   def call(position, *inputs):
-    code, image, text, pair = tf.numpy_function(
-        wrapped, list(inputs), (tf.int32, tf.uint8, tf.string, tf.string), stateful=False)
-    return position, code, image, text, pair
+    outputs = tf.numpy_function(
+        wrapped, list(inputs),
+        (tf.int32, tf.uint8, tf.string, tf.string, tf.float32, tf.bool, tf.string),
+        stateful=False)
+    return (position, *outputs)
 
   ds = ds.map(call, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
@@ -303,7 +334,7 @@ def file_epoch(source: FileSource, process: Processing, epoch: int, start: int
     return process(source.read(f, i), epoch, f, i)
 
   ds = tf.data.Dataset.range(start, len(order))
-  return _map_processed(ds.map(lambda p: (p, p)), one, process.image_size)
+  return _map_processed(ds.map(lambda p: (p, p)), one, process.image_size, process.max_regions)
 
 
 @dataclasses.dataclass
@@ -378,7 +409,7 @@ def tfds_epoch(source: TfdsSource, process: Processing, epoch: int, start: int
     raw = shards.RawExample(str(position), image, "", {source.text_language: caps})
     return process(raw, epoch, _TFDS_FILE, int(position))
 
-  return _map_processed(ds, one, process.image_size)
+  return _map_processed(ds, one, process.image_size, process.max_regions)
 
 
 # ---------------------------------------------------------------------------------------
@@ -389,7 +420,9 @@ class SourceIterator:
   'text': int32 [b, max_len]} of a real source; b = global_batch / process_count. With
   config.data.pair_language also 'text_pair': int32 [b, max_len], another caption of each
   image in that language; with `with_short_captions` (Long-CLIP's PCM loss) 'text_short',
-  each image's short caption (`short_caption`).
+  each image's short caption (`short_caption`); with config.data.max_regions > 0
+  'region_boxes', 'region_mask' and 'region_text', each image's boxes after its crop and
+  flip (data/regions.py).
 
   `get_state()` is the position after the last batch handed out; batches built ahead by
   the prefetch thread are not counted, and `set_state` discards them.
@@ -430,19 +463,20 @@ class SourceIterator:
 
   # -- the producer ---------------------------------------------------------------------
   def _examples(self, epoch: int, position: int
-                ) -> Iterator[tuple[int, int, str, np.ndarray, str, str]]:
-    """(epoch, position after it, skip reason or '', image, caption, paired caption) from a
-    state on."""
+                ) -> Iterator[tuple[int, int, str, np.ndarray, str, str, tuple]]:
+    """(epoch, position after it, skip reason or '', image, caption, paired caption,
+    regions) from a state on."""
     while True:
       bad: dict[str, int] = {}
       seen = 0
-      for pos, code, image, text, pair in self._epoch_fn(self._source, self._process, epoch,
-                                                         position).as_numpy_iterator():
+      for pos, code, image, text, pair, *region in self._epoch_fn(
+          self._source, self._process, epoch, position).as_numpy_iterator():
         seen += 1
         if code:
           bad[_REASONS[code]] = bad.get(_REASONS[code], 0) + 1
+        boxes, mask, region_texts = region
         yield (epoch, int(pos) + 1, _REASONS[code], image, text.decode("utf-8"),
-               pair.decode("utf-8"))
+               pair.decode("utf-8"), (boxes, mask, [t.decode("utf-8") for t in region_texts]))
       if position == 0 and sum(bad.values()) == seen:
         raise SourceError(f"{self._source.name} yielded no usable example in a whole epoch "
                           f"(host {self._process_index} of {self._process_count}); skipped: "
@@ -454,17 +488,18 @@ class SourceIterator:
     return dict(getattr(self._source, "index_skipped", {}))
 
   def _batches(self, epoch: int, position: int):
-    images, texts, pairs, skipped = [], [], [], {}
-    for epoch, position, reason, image, text, pair in self._examples(epoch, position):
+    images, texts, pairs, regions, skipped = [], [], [], [], {}
+    for epoch, position, reason, image, text, pair, region in self._examples(epoch, position):
       if reason:
         skipped[reason] = skipped.get(reason, 0) + 1
         continue
       images.append(image)
       texts.append(text)
       pairs.append(pair)
+      regions.append(region)
       if len(images) == self._local_batch:
-        yield self._finish(images, texts, pairs), (epoch, position), skipped
-        images, texts, pairs, skipped = [], [], [], {}
+        yield self._finish(images, texts, pairs, regions), (epoch, position), skipped
+        images, texts, pairs, regions, skipped = [], [], [], [], {}
 
   def _tokens(self, texts: list[str]) -> np.ndarray:
     tokens = np.asarray(self._tokenizer.encode(texts), np.int32)
@@ -473,8 +508,8 @@ class SourceIterator:
                        f"captions; expected max_len={self._max_len} (config.data.max_len).")
     return tokens
 
-  def _finish(self, images: list[np.ndarray], texts: list[str], pairs: list[str]
-              ) -> dict[str, np.ndarray]:
+  def _finish(self, images: list[np.ndarray], texts: list[str], pairs: list[str],
+              regions: list[tuple]) -> dict[str, np.ndarray]:
     naflex = self._process.naflex
     if naflex:  # images of their own sizes -> padded patch sequences
       stacked = naflex_lib.encode(images, *naflex, self._normalize or (lambda x: x))
@@ -484,6 +519,12 @@ class SourceIterator:
     batch = {"image": stacked, "text": self._tokens(texts)}
     if self._with_pair or self._with_short:
       batch["text_short" if self._with_short else "text_pair"] = self._tokens(pairs)
+    r = self._process.max_regions
+    if r:  # as the embedded pipeline's (pipeline.fine_fields)
+      batch["region_boxes"] = np.stack([b for b, _, _ in regions]).astype(np.float32)
+      batch["region_mask"] = np.stack([m for _, m, _ in regions]).astype(bool)
+      batch["region_text"] = self._tokens([t for _, _, ts in regions for t in ts]).reshape(
+          len(regions), r, self._max_len)
     return batch
 
   def _produce(self, out: queue.Queue, stop: threading.Event, epoch: int, position: int):

@@ -3,7 +3,9 @@
     {"items": [{"image": "images/1.jpg",          # relative to the manifest's folder (or absolute)
                 "split": "train",                  # any string; filtered by `split=`
                 "captions": {"en": ["..."], "de": ["...", "..."]},
-                "label": 3}]}                      # optional, for zero-shot classification
+                "label": 3,                        # optional, for zero-shot classification
+                "regions": [{"box": [0.1, 0.2, 0.5, 0.9],   # optional: boxes [x0, y0, x1, y1]
+                             "captions": {"en": ["a dog."]}}]}]}  # relative, with captions
 
 This is the format of `../shared/data/flickr8k_multi30k/manifest.json`. Both the training
 pipeline (`data/pipeline.py`) and the eval binary read manifests through `load()`, so a malformed
@@ -23,6 +25,7 @@ import tensorflow as tf
 from PIL import Image
 
 from big_clip import fileio
+from big_clip.data import regions as regions_lib
 from big_clip.errors import UserError
 
 
@@ -36,6 +39,7 @@ class Item:
   split: str
   captions: Mapping[str, Sequence[str]]     # language -> captions (may be empty)
   label: int | None = None
+  regions: Sequence[tuple] = ()             # (box, {lang: captions}), data/regions.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +95,16 @@ def load(path: str, split: str | None = None) -> Manifest:
     label = entry.get("label")
     if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
       raise ManifestError(f"{where}: 'label' must be a non-negative integer, got {label!r}")
+    try:
+      regions = regions_lib.parse(entry.get("regions"), where)
+    except ValueError as e:
+      raise ManifestError(str(e)) from None
     item_split = str(entry.get("split", ""))
     if split is not None and item_split != split:
       continue
     items.append(Item(image=_join(folder, entry["image"]), split=item_split,
-                      captions={k: list(v) for k, v in captions.items()}, label=label))
+                      captions={k: list(v) for k, v in captions.items()}, label=label,
+                      regions=tuple(regions)))
   if split is not None and not items:
     splits = sorted({str(e.get("split", "")) for e in raw["items"] if isinstance(e, dict)})
     raise ManifestError(f"manifest {path!r} has no items in split {split!r}; its splits: {splits}")

@@ -27,13 +27,15 @@ from jax.experimental import multihost_utils
 from big_clip import config as config_lib
 from big_clip import fileio
 from big_clip import workdir as workdir_lib
-from big_clip.data import embedded, files, naflex, text_cache, tokenizers
+from big_clip.data import embedded, files, naflex, regions, text_cache, tokenizers
 from big_clip.data import languages as languages_lib
 
 CLIP_MEAN, CLIP_STD = config_lib.CLIP_MEAN, config_lib.CLIP_STD
 _CAPTION_STREAM = 1  # rng entropy tag: captions get a stream apart from the image's
 _LONG_CAPTION_STREAM = 2  # long captions: a stream of their own, short captions unchanged
 _PAIR_STREAM = 3  # paired captions (config.data.pair_language): a stream of their own
+_REGION_STREAM = 4  # region captions (config.data.max_regions)
+_NEGATIVE_STREAM = 5  # hard negatives (config.loss.hard_negatives)
 
 
 class Tokenizer(Protocol):
@@ -94,6 +96,23 @@ def example(seed: int, index: int, image_size: int, languages: Sequence[str],
   return image, lang, text, pair
 
 
+def fine_example(seed: int, index: int, image_size: int, languages: Sequence[str],
+                 cumulative: np.ndarray, max_regions: int, hard_negatives: int
+                 ) -> tuple[np.ndarray, str, tuple, list[str]]:
+  """`example` (the same image and caption) with its regions, (boxes [R, 4], mask [R],
+  captions [R]) in the caption's language, and `hard_negatives` attribute-swapped captions
+  ('' pads)."""
+  image, attrs, boxes = embedded.render_with_boxes(seed, "train", index, image_size)
+  rng = np.random.default_rng([seed, _CAPTION_STREAM, index])
+  lang = languages[min(bisect.bisect_right(cumulative, rng.random()), len(languages) - 1)]
+  text, negatives = embedded.caption_with_negatives(
+      attrs, lang, rng, hard_negatives, np.random.default_rng([seed, _NEGATIVE_STREAM, index]))
+  region_rng = np.random.default_rng([seed, _REGION_STREAM, index])
+  captions = [{lang: embedded.region_captions(attrs, lang)}] * len(boxes)
+  texts = regions.choose_captions(captions, lang, (), region_rng)
+  return image, text, regions.pad(boxes, texts, max_regions), negatives
+
+
 def long_example(seed: int, index: int, image_size: int, long_share: float
                  ) -> tuple[np.ndarray, str, str]:
   """(image, caption, short caption) of training example `index` with long captions on: the
@@ -103,6 +122,26 @@ def long_example(seed: int, index: int, image_size: int, long_share: float
   rng = np.random.default_rng([seed, _LONG_CAPTION_STREAM, index])
   text = embedded.long_caption(attrs, rng) if rng.random() < long_share else short
   return image, text, short
+
+
+def fine_fields(fine: Sequence[tuple[tuple, list[str]]], tokenizer: Tokenizer,
+                max_regions: int, hard_negatives: int) -> dict[str, np.ndarray]:
+  """The region and hard-negative entries of a batch from each example's ((boxes, mask,
+  region captions), negatives); captions tokenized like the example captions."""
+  out = {}
+  b = len(fine)
+  if max_regions:
+    out["region_boxes"] = np.stack([r[0] for r, _ in fine]).astype(np.float32)
+    out["region_mask"] = np.stack([r[1] for r, _ in fine])
+    texts = [t for r, _ in fine for t in r[2]]
+    out["region_text"] = np.asarray(tokenizer.encode(texts), np.int32).reshape(
+        b, max_regions, -1)
+  if hard_negatives:
+    texts = [t for _, negatives in fine for t in negatives]
+    out["negative_text"] = np.asarray(tokenizer.encode(texts), np.int32).reshape(
+        b, hard_negatives, -1)
+    out["negative_mask"] = np.array([[bool(t) for t in n] for _, n in fine], bool)
+  return out
 
 
 class EmbeddedIterator:
@@ -116,12 +155,16 @@ class EmbeddedIterator:
   With `data_cfg.long_captions` > 0 that share of captions is long (English only) and,
   with `with_short_captions`, 'text_short' holds every image's short caption as well
   (Long-CLIP §3.2 trains each image with both). With `data_cfg.pair_language`,
-  'text_pair' holds another caption of each image in that language.
+  'text_pair' holds another caption of each image in that language. With
+  `data_cfg.max_regions` > 0, 'region_boxes' [b, R, 4], 'region_mask' [b, R] and
+  'region_text' [b, R, max_len] hold each image's objects (data/regions.py); with
+  `hard_negatives` = K > 0, 'negative_text' [b, K, max_len] and 'negative_mask' [b, K]
+  hold K captions of each image with one attribute swapped.
   """
 
   def __init__(self, data_cfg: ml_collections.ConfigDict, process_index: int,
                process_count: int, tokenizer: Tokenizer, seed: int, prefetch: int = 2,
-               with_short_captions: bool = False):
+               with_short_captions: bool = False, hard_negatives: int = 0):
     self._global_batch = int(data_cfg.global_batch)
     self._local_batch = self._global_batch // process_count
     self._host_offset = process_index * self._local_batch
@@ -142,6 +185,11 @@ class EmbeddedIterator:
     if self._pair_language and self._pair_language not in embedded.EMBEDDED_LANGUAGES:
       raise ValueError(f"config.data.pair_language={self._pair_language!r} is not a language "
                        f"of the embedded dataset; available: {embedded.EMBEDDED_LANGUAGES}.")
+    self._max_regions, self._negatives = int(data_cfg.max_regions), int(hard_negatives)
+    if (self._max_regions or self._negatives) and (self._long_share > 0 or self._pair_language):
+      raise ValueError("config.data.max_regions / config.loss.hard_negatives with long "
+                       "captions or config.data.pair_language are not supported yet; turn one "
+                       "of them off.")
     self._next_example = 0  # first example of the next batch handed out (global index)
     self._prefetch = max(0, int(prefetch))
     self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="big_clip_data")
@@ -152,9 +200,14 @@ class EmbeddedIterator:
   def batch_at(self, first_example: int) -> dict[str, np.ndarray]:
     """This host's part of the global batch that starts at `first_example`."""
     start = first_example + self._host_offset
-    images, captions, shorts, pairs = [], [], [], []
+    images, captions, shorts, pairs, fine = [], [], [], [], []
     for index in range(start, start + self._local_batch):
-      if self._long_share > 0:
+      if self._max_regions or self._negatives:
+        image, text, region, negatives = fine_example(
+            self._seed, index, self._image_size, self._languages, self._cumulative,
+            self._max_regions, self._negatives)
+        fine.append((region, negatives))
+      elif self._long_share > 0:
         image, text, short = long_example(self._seed, index, self._image_size,
                                           self._long_share)
         shorts.append(short)
@@ -180,6 +233,8 @@ class EmbeddedIterator:
       batch["text_short"] = self._tokenizer.encode(shorts).astype(np.int32)
     if self._pair_language:
       batch["text_pair"] = self._tokenizer.encode(pairs).astype(np.int32)
+    if fine:
+      batch.update(fine_fields(fine, self._tokenizer, self._max_regions, self._negatives))
     return batch
 
   def __iter__(self) -> EmbeddedIterator:
@@ -242,7 +297,7 @@ class EmbeddedIterator:
 
 def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count: int, *,
          tokenizer: Tokenizer, seed: int, prefetch: int = 2,
-         with_short_captions: bool = False) -> Any:
+         with_short_captions: bool = False, hard_negatives: int = 0) -> Any:
   """The iterator of `data_cfg.source` that yields this host's slice of every global batch:
   `EmbeddedIterator` for 'embedded', else `files.SourceIterator` (tfds:, shards:,
   manifest:). Both yield {'image', 'text'} and have get_state/set_state/skipped/close."""
@@ -260,12 +315,15 @@ def make(data_cfg: ml_collections.ConfigDict, process_index: int, process_count:
     raise ValueError(f"The tokenizer pads to {tokenizer_len} tokens but config.data.max_len="
                      f"{data_cfg.max_len}; build the tokenizer with the config's max_len.")
   if data_cfg.source != "embedded":
+    if hard_negatives:
+      raise ValueError("config.loss.hard_negatives needs config.data.source='embedded' "
+                       "(attribute swaps for other sources are not supported yet).")
     mean, std = _mean_std(data_cfg.mean, data_cfg.std)
     return files.SourceIterator(data_cfg, process_index, process_count, tokenizer, seed,
                                 prefetch, normalize=lambda x: normalize(x, mean, std),
                                 with_short_captions=with_short_captions)
   return EmbeddedIterator(data_cfg, process_index, process_count, tokenizer, seed, prefetch,
-                          with_short_captions)
+                          with_short_captions, hard_negatives)
 
 
 def caption_corpus(data_cfg: ml_collections.ConfigDict, seed: int) -> list[str]:

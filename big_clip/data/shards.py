@@ -1,7 +1,8 @@
 """Shard formats: webdataset-style `.tar` and TFRecord files of image-caption examples.
 
 A tar shard holds, per example, `KEY.jpg|png|webp` and `KEY.json` (`{"captions": {lang:
-[...]}, "long_captions": {lang: [...]}, "label": int}`, every field optional) or `KEY.txt`
+[...]}, "long_captions": {lang: [...]}, "label": int, "regions": [{"box": [x0, y0, x1, y1],
+"captions": {lang: [...]}}]}`, every field optional; regions: data/regions.py) or `KEY.txt`
 (one caption, in `config.data.text_language`) -- the layout img2dataset writes. A TFRecord
 shard holds `tf.train.Example`s with bytes features `key`, `image`, `image_ext` and `meta`
 (the same JSON).
@@ -25,6 +26,7 @@ from typing import Any, BinaryIO
 import tensorflow as tf
 
 from big_clip import fileio
+from big_clip.data import regions as regions_lib
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("json", "txt")
@@ -47,6 +49,7 @@ class RawExample:
   captions: Mapping[str, Sequence[str]]
   long_captions: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
   label: int | None = None
+  regions: Sequence[tuple] = ()  # (box, {lang: captions}) per region (data/regions.py)
 
   def meta_json(self) -> bytes:
     meta: dict[str, Any] = {"captions": {k: list(v) for k, v in self.captions.items()}}
@@ -54,15 +57,17 @@ class RawExample:
       meta["long_captions"] = {k: list(v) for k, v in self.long_captions.items()}
     if self.label is not None:
       meta["label"] = self.label
+    if self.regions:
+      meta["regions"] = regions_lib.to_json(self.regions)
     return json.dumps(meta, ensure_ascii=False).encode("utf-8")
 
 
 def parse_meta(data: bytes, ext: str, key: str, text_language: str
-               ) -> tuple[dict[str, list[str]], dict[str, list[str]], int | None]:
-  """(captions, long_captions, label) of a `.json` / `.txt` caption file."""
+               ) -> tuple[dict[str, list[str]], dict[str, list[str]], int | None, list]:
+  """(captions, long_captions, label, regions) of a `.json` / `.txt` caption file."""
   if ext == "txt":
     text = data.decode("utf-8", errors="replace").strip()
-    return ({text_language: [text]} if text else {}), {}, None
+    return ({text_language: [text]} if text else {}), {}, None, []
   try:
     meta = json.loads(data.decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -83,7 +88,12 @@ def parse_meta(data: bytes, ext: str, key: str, text_language: str
   if not captions and isinstance(meta.get("caption"), str):
     captions = {text_language: [meta["caption"]]}
   label = meta.get("label")
-  return captions, lang_lists("long_captions"), label if isinstance(label, int) else None
+  try:
+    regions = regions_lib.parse(meta.get("regions"), key)
+  except ValueError as e:
+    raise BadSample("bad_regions", str(e)) from e
+  return (captions, lang_lists("long_captions"), label if isinstance(label, int) else None,
+          regions)
 
 
 def _open(path: str, mode: str = "rb") -> BinaryIO:
@@ -252,8 +262,9 @@ def read_entry(path: str, entry: Entry, text_language: str) -> RawExample:
     if entry.meta is None:
       raise BadSample("missing_caption", f"{path}: {entry.key} has no .json/.txt")
     image, meta = _read_span(f, entry.image), _read_span(f, entry.meta)
-  captions, long_captions, label = parse_meta(meta, entry.meta_ext, entry.key, text_language)
-  return RawExample(entry.key, image, entry.image_ext, captions, long_captions, label)
+  captions, long_captions, label, regions = parse_meta(meta, entry.meta_ext, entry.key,
+                                                       text_language)
+  return RawExample(entry.key, image, entry.image_ext, captions, long_captions, label, regions)
 
 
 def _from_tf_example(record: bytes, where: str, text_language: str) -> RawExample:
@@ -263,9 +274,10 @@ def _from_tf_example(record: bytes, where: str, text_language: str) -> RawExampl
     raise BadSample("bad_record", f"{where}: {e}") from e
   get = lambda name: feats[name].bytes_list.value[0] if feats[name].bytes_list.value else b""
   key = get("key").decode() or where
-  captions, long_captions, label = parse_meta(get("meta"), "json", key, text_language)
+  captions, long_captions, label, regions = parse_meta(get("meta"), "json", key,
+                                                       text_language)
   return RawExample(key, get("image"), get("image_ext").decode() or "jpg", captions,
-                    long_captions, label)
+                    long_captions, label, regions)
 
 
 def read_all(path: str, text_language: str = "en") -> Iterator[RawExample]:

@@ -92,6 +92,12 @@ def _retrieval_table(rows: list[dict]) -> list[str]:
   return lines
 
 
+def _metrics_lines(rows: list[dict]) -> list[str]:
+  """A line per (task, dataset, language) with its metrics, for the other evaluators."""
+  return [f"{r['task']}  {r['dataset']}  {r['language']}: " + ", ".join(
+      f"{k} {100 * v:.1f}%" for k, v in r["metrics"].items()) for r in rows]
+
+
 def print_table(records: list[dict], title: str = "zero-shot evaluation") -> str:
   """Zero-shot accuracy (languages x datasets) and retrieval recall; returns the text too."""
   if not records:
@@ -103,6 +109,9 @@ def print_table(records: list[dict], title: str = "zero-shot evaluation") -> str
     lines += _zeroshot_table(zeroshot)
   if retrieval:
     lines += ([""] if zeroshot else []) + _retrieval_table(retrieval)
+  other = [r for r in records if r["task"] not in (ZEROSHOT, RETRIEVAL)]
+  if other:
+    lines += ([""] if len(lines) > 1 else []) + _metrics_lines(other)
   text = "\n".join(lines)
   if jax.process_index() == 0:
     print(text, flush=True)

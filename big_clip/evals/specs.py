@@ -5,7 +5,9 @@
 TASK names an evaluator: the module `big_clip/evals/<TASK>.py`, whose class `Evaluator`
 declares the sources it reads (`SOURCES`) and the options it takes (`OPTIONS`); adding an
 evaluator is adding such a file. Shipped: `zeroshot` (classification), `retrieval`
-(image <-> text) and `long_captions` (image <-> long caption, Long-CLIP). SOURCE is one of
+(image <-> text), `long_captions` (image <-> long caption, Long-CLIP), `regions` (box <->
+region caption, CLOC) and `fine_grained` (the right caption among its attribute swaps,
+FG-CLIP). SOURCE is one of
 
     embedded[:TASK]          the embedded synthetic data (zeroshot; colour / shape, or all of
                              config.eval.zeroshot_tasks when no task is named)
@@ -21,6 +23,8 @@ limit=N (the first N images), name=NAME (the dataset name in the results).
     zeroshot:tfds:cifar10:test,data_dir=/data/tfds,classnames=cifar10_classnames.json
     retrieval:manifest:/data/flickr8k_multi30k/manifest.json:test,languages=en+de
     long_captions:embedded,limit=200
+    regions:embedded,limit=100
+    fine_grained:embedded,languages=en+zh
 """
 
 from __future__ import annotations

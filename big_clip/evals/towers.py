@@ -28,6 +28,9 @@ class Towers:
   batch_size: int
   image_size: int
   data_cfg: ml_collections.ConfigDict  # how images become the tower's input (mean, NaFlex)
+  # (params, images, boxes [B, R, 4]) -> region embeddings [B, R, D]; None without a
+  # region prompter (config.model.region.depth = 0).
+  region_fn: Callable | None = None
 
   @classmethod
   def build(cls, config: ml_collections.ConfigDict, tokenizer, graphdef: nnx.GraphDef,
@@ -35,8 +38,10 @@ class Towers:
     with jax.set_mesh(mesh):
       image_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
       text_fn = jax.jit(lambda p, t: nnx.merge(graphdef, p).encode_text(t))
+      region_fn = (jax.jit(lambda p, x, b: nnx.merge(graphdef, p).encode_image_regions(x, b))
+                   if config.model.region.depth > 0 else None)
     return cls(image_fn, text_fn, mesh, tokenizer, config.eval.batch_size,
-               config.data.image_size, config.data)
+               config.data.image_size, config.data, region_fn)
 
   def images(self, params, images: datasets.ImageSet, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """([N, D] embeddings, [N] bool: decoded fine); failed images are warned about by name."""
@@ -52,6 +57,26 @@ class Towers:
       logging.warning("%s: %d of %d images could not be decoded and were skipped.", desc,
                       int(failed.sum()), len(images))
     return emb, failed == 0
+
+  def regions(self, params, images: np.ndarray, boxes: np.ndarray, desc: str | None = None
+              ) -> np.ndarray:
+    """uint8 images [N, H, W, 3] and their boxes [N, R, 4] -> region embeddings [N, R, D].
+    Images and boxes travel as one packed row each through the sharded batching."""
+    if self.region_fn is None:
+      raise ValueError("Region evals need a model with a region prompter "
+                       "(config.model.region.depth > 0, trained with loss.region_weight).")
+    n, r = boxes.shape[:2]
+    shape, pixels = images.shape[1:], int(np.prod(images.shape[1:]))
+    packed = np.concatenate([images.reshape(n, -1).astype(np.float32),
+                             boxes.reshape(n, -1).astype(np.float32)], axis=1)
+    unpack = lambda x: (pipeline.model_images(x[:, :pixels].reshape(-1, *shape), self.data_cfg)
+                        .reshape(len(x), -1))
+    prepare = lambda x: np.concatenate([unpack(x), x[:, pixels:]], axis=1)
+    fn = lambda p, x: self.region_fn(p, x[:, :pixels].reshape(-1, *shape),
+                                     x[:, pixels:].reshape(-1, r, 4)).reshape(x.shape[0], -1)
+    emb = sharding.embed_batched(fn, params, packed, self.mesh, self.batch_size, desc=desc,
+                                 preprocess=prepare)
+    return emb.reshape(n, r, -1)
 
   def texts(self, params, tokens: np.ndarray, desc: str | None = None) -> np.ndarray:
     return sharding.embed_batched(self.text_fn, params, tokens, self.mesh, self.batch_size, desc=desc)

@@ -1,8 +1,10 @@
 """Loss terms added to the contrastive loss by config: Long-CLIP's short-caption
 term (`config.loss.long_clip`, losses/long_clip.py), distillation from a frozen teacher
 (`config.loss.distill`, losses/distill.py), the caption-pair term
-(`config.loss.text_pair_weight`) and the captioning decoder's loss (`config.loss.caption`,
-losses/caption.py). The train step calls `make(config)` once.
+(`config.loss.text_pair_weight`), the captioning decoder's loss (`config.loss.caption`,
+losses/caption.py), the region-text loss (`config.loss.region_weight`, losses/region.py) and
+hard attribute negatives (`config.loss.hard_negatives`, losses/hard_negatives.py). The train
+step calls `make(config)` once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax
 import ml_collections
 
 from big_clip import losses
-from big_clip.losses import caption, distill, long_clip
+from big_clip.losses import caption, distill, hard_negatives, long_clip, region
 
 TEACHER_KEYS = ("teacher_image", "teacher_text")
 
@@ -30,6 +32,12 @@ def batch_entries(config: ml_collections.ConfigDict, teacher_dim: int | None = N
   if config.loss.distill.enabled:
     dim = teacher_dim or config.model.embed_dim
     out.update({k: ((dim,), "float32") for k in TEACHER_KEYS})
+  r, k, length = config.data.max_regions, config.loss.hard_negatives, config.data.max_len
+  if config.loss.region_weight > 0:
+    out.update(region_boxes=((r, 4), "float32"), region_mask=((r,), "bool"),
+               region_text=((r, length), "int32"))
+  if k:
+    out.update(negative_text=((k, length), "int32"), negative_mask=((k,), "bool"))
   return out
 
 
@@ -43,7 +51,11 @@ def make(config: ml_collections.ConfigDict
   lc, dist = config.loss.long_clip, config.loss.distill
   pair_weight = float(config.loss.text_pair_weight)
   caption_weight = float(config.loss.caption.weight)
-  if not (lc.enabled or dist.enabled or pair_weight > 0 or caption_weight > 0):
+  region_weight = float(config.loss.region_weight)
+  negatives = int(config.loss.hard_negatives)
+  negative_weight = float(config.loss.hard_negative_weight)
+  if not (lc.enabled or dist.enabled or pair_weight > 0 or caption_weight > 0
+          or region_weight > 0 or negatives):
     return None
   base_loss = losses.get(config.loss.name)
   pair_loss = losses.from_config(config.loss)  # the grouped loss keeps its groups
@@ -76,6 +88,19 @@ def make(config: ml_collections.ConfigDict
           model.decoder, image_tokens, batch["text"], pad_id=int(config.model.text.pad_id),
           parallel=batch.get("caption_parallel"))
       out = out + caption_weight * parts["loss/caption"]
+    if region_weight > 0:  # CLOC: every valid box of the batch against its caption
+      b, r, length = batch["region_text"].shape
+      region_emb = model.encode_regions(image_tokens, batch["region_boxes"])
+      region_txt = model.encode_text(batch["region_text"].reshape(b * r, length))
+      parts["loss/region"] = region.loss(region_emb.reshape(b * r, -1), region_txt,
+                                         batch["region_mask"].reshape(b * r), scale, mesh=mesh)
+      out = out + region_weight * parts["loss/region"]
+    if negatives:  # FG-CLIP: each image against its caption and its attribute swaps
+      b, k, length = batch["negative_text"].shape
+      neg_emb = model.encode_text(batch["negative_text"].reshape(b * k, length))
+      parts["loss/hard_negatives"] = hard_negatives.loss(
+          img_emb, txt_emb, neg_emb.reshape(b, k, -1), batch["negative_mask"], scale)
+      out = out + negative_weight * parts["loss/hard_negatives"]
     return out, parts
 
   return total

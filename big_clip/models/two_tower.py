@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from big_clip import sharding
-from big_clip.models import decoder, llm, text, vit
+from big_clip.models import decoder, llm, region, text, vit
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -48,6 +48,9 @@ class TwoTower(nnx.Module):
     # CoCa / CapPa caption decoder (config.loss.caption), absent unless decoder.depth > 0.
     dec = cfg.get("decoder")
     self.decoder = decoder.CaptionDecoder(cfg, rngs=rngs) if dec and dec.depth > 0 else None
+    # CLOC's region prompter (config.loss.region_weight), absent unless region.depth > 0.
+    reg = cfg.get("region")
+    self.region = region.RegionPrompter(cfg, rngs=rngs) if reg and reg.depth > 0 else None
 
   def encode_image(self, images: jax.Array, patch_noise: jax.Array | None = None
                    ) -> jax.Array:
@@ -93,6 +96,23 @@ class TwoTower(nnx.Module):
     img_emb = l2_normalize(pooled)
     chex.assert_shape(img_emb, (images.shape[0], self.embed_dim))
     return img_emb, self.encode_text(tokens), image_tokens
+
+  def encode_regions(self, image_tokens: jax.Array, boxes: jax.Array) -> jax.Array:
+    """The image tower's last-block tokens [B, T', W] (`embed_with_image_tokens`) and boxes
+    [B, R, 4] (relative [x0, y0, x1, y1]) -> L2-normalized float32 [B, R, embed_dim]."""
+    if self.region is None:
+      raise ValueError("This model has no region prompter (config.model.region.depth=0); "
+                       "train with config.loss.region_weight > 0.")
+    patches = image_tokens[:, 1:] if self.image.pool == "cls" else image_tokens
+    emb = l2_normalize(self.region(patches, boxes))
+    chex.assert_shape(emb, (*boxes.shape[:2], self.embed_dim))
+    return emb
+
+  def encode_image_regions(self, images: jax.Array, boxes: jax.Array) -> jax.Array:
+    """[B, H, W, 3] normalized images and their boxes [B, R, 4] -> L2-normalized region
+    embeddings [B, R, embed_dim] (evals)."""
+    _, image_tokens = self.image.features(images)
+    return self.encode_regions(image_tokens, boxes)
 
   def caption(self, images: jax.Array, length: int, *, parallel: bool = False,
               prefix: jax.Array | None = None) -> jax.Array:
