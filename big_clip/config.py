@@ -190,6 +190,10 @@ def base() -> ml_collections.ConfigDict:
         router_z_loss=1e-3,  # ST-MoE router z-loss weight
         load_balance=1e-2,  # Switch load-balancing loss weight
         upcycle_noise=0.0,  # init_from a dense run: expert copies + N(0, (noise*std)^2)
+        # How tokens reach experts on other devices: 'einsum' (GSPMD inserts the exchange
+        # from sharding constraints) or 'all_to_all' (shard_map with explicit all-to-alls
+        # over mesh.expert; what a large pod needs, docs/moe.md). Same routing and values.
+        dispatch="einsum",
     )
   # Start from pretrained weights when the workdir has no checkpoint (fine-tuning):
   # 'hf:PATH' (a save_pretrained folder), 'open_clip:PATH' (open_clip_config.json +
@@ -569,6 +573,8 @@ def _validate_regions(c: ml_collections.ConfigDict) -> None:
          "config.model.text.llm.cache_dir feeds cached features for the drawn captions "
          "only; unset the cache.")
 
+MOE_DISPATCHES = ("einsum", "all_to_all")  # models/moe.py DISPATCHES
+
 
 def _validate_moe(c: ml_collections.ConfigDict) -> None:
   """config.model.{image,text}.moe and what MoE towers do not support yet."""
@@ -594,6 +600,8 @@ def _validate_moe(c: ml_collections.ConfigDict) -> None:
          "(0 = dropless).")
     for name in ("router_z_loss", "load_balance", "upcycle_noise"):
       need(m[name] >= 0, f"{key}.{name}={m[name]} must be >= 0.")
+    need(m.dispatch in MOE_DISPATCHES, f"{key}.dispatch={m.dispatch!r}; allowed: "
+         f"{', '.join(MOE_DISPATCHES)}.")
     expert_axis = c.mesh.expert
     need(expert_axis <= 1 or m.experts % expert_axis == 0,
          f"{key}.experts={m.experts} is not divisible by config.mesh.expert={expert_axis}; "

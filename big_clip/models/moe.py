@@ -10,9 +10,16 @@ dense MLP for any k, which is what upcycling starts from. Each expert takes at m
 (GShard §2.2: first choices fill the buffers before second choices). One example is one
 routing group, so routing never depends on how the batch is split over devices.
 
-Dispatch and combine are GSPMD einsums with a `[B, T, E, C]` mask (GShard, MaxText's
-`dense_matmul`): the expert inputs `[E, B, C, W]` are constrained to `E` on the `expert` mesh
-axis and `B` on the other data axes, so XLA inserts the all-to-all in and out of the experts.
+Dispatch and combine are einsums with a `[B, T, E, C]` mask (GShard, MaxText's
+`dense_matmul`), moved between devices in one of two ways (`dispatch`):
+- 'einsum': GSPMD. The expert inputs `[E, B, C, W]` are constrained to `E` on the `expert`
+  mesh axis and `B` on the other data axes, and XLA inserts the exchange.
+- 'all_to_all': `jax.shard_map`. Each device routes its own examples, and its expert buffers
+  go to the experts' devices and back with two explicit `jax.lax.all_to_all` over `expert`;
+  the expert weights enter whole per expert (gathered over fsdp / tensor). Same routing,
+  same values; on a v5e-256 the GSPMD form gathered the dispatch masks of the whole batch
+  (benchmarks/RESULTS.md), this one exchanges only the expert buffers.
+
 Expert weights carry a leading `expert` axis (`[E, W, H]`), named like the dense MLP's
 (`mlp.fc1.kernel`...) so that upcycling is a broadcast.
 
@@ -31,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from big_clip import sharding
 from big_clip.models import layers
@@ -53,6 +61,7 @@ class MoeConfig:
   router_z_loss: float = 1e-3
   load_balance: float = 1e-2
   upcycle_noise: float = 0.0
+  dispatch: str = "einsum"  # config.MOE_DISPATCHES
 
   @classmethod
   def from_config(cls, model_cfg: Any, tower: str) -> MoeConfig:
@@ -83,6 +92,14 @@ def route(logits: jax.Array, top_k: int, capacity: int
   balanced, E when one expert gets every choice) and dropped (the share of choices past
   capacity).
   """
+  dispatch, combine, means = route_means(logits, top_k, capacity)
+  return dispatch, combine, routing_stats(means)
+
+
+def route_means(logits: jax.Array, top_k: int, capacity: int
+                ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """`route`, with the token means the statistics are made of (`routing_stats`) in place of
+  the statistics: means over equal groups of tokens average into the means over all."""
   num_experts = logits.shape[-1]
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -99,14 +116,24 @@ def route(logits: jax.Array, top_k: int, capacity: int
   slot_onehot = jax.nn.one_hot(slot, capacity, dtype=jnp.float32)  # [G, S, k, C] (0 if >= C)
   dispatch = jnp.einsum("gske,gskc->gsec", kept, slot_onehot)
   combine = jnp.einsum("gske,gskc,gsk->gsec", kept, slot_onehot, gates)
-  share = jnp.mean(jnp.sum(choice, axis=2), axis=(0, 1)) / top_k  # f_e, sums to 1
-  stats = {
-      "load_balance": num_experts * jnp.sum(share * jnp.mean(probs, axis=(0, 1))),
-      "router_z": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
-      "max_load": num_experts * jnp.max(share),
-      "dropped": 1.0 - jnp.sum(kept) / (g * s * k),
+  means = {
+      "share": jnp.mean(jnp.sum(choice, axis=2), axis=(0, 1)) / top_k,  # f_e, sums to 1
+      "prob": jnp.mean(probs, axis=(0, 1)),  # P_e
+      "z": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+      "kept": jnp.sum(kept) / (g * s * k),
   }
-  return dispatch, combine, stats
+  return dispatch, combine, means
+
+
+def routing_stats(means: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The statistics `route` returns, from the token means of `route_means`."""
+  num_experts = means["share"].shape[-1]
+  return {
+      "load_balance": num_experts * jnp.sum(means["share"] * means["prob"]),
+      "router_z": means["z"],
+      "max_load": num_experts * jnp.max(means["share"]),
+      "dropped": 1.0 - means["kept"],
+  }
 
 
 class Experts(nnx.Module):
@@ -122,10 +149,18 @@ class Experts(nnx.Module):
                              ("expert", axes[-1]), cfg.param_dtype)
     self.dtype = cfg.dtype
 
+  def weights(self) -> tuple[jax.Array, jax.Array]:
+    """(kernel, bias) in the compute dtype."""
+    return self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    """[E, G, C, in] -> [E, G, C, out]: expert e's map on its slots."""
-    kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype)
-    return jnp.einsum("egci,eio->egco", x.astype(self.dtype), kernel) + bias[:, None, None]
+    return expert_linear(x.astype(self.dtype), *self.weights())
+
+
+def expert_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """x [E, G, C, in], kernel [E, in, out], bias [E, out] -> [E, G, C, out]: expert e's map
+  on its slots."""
+  return jnp.einsum("egci,eio->egco", x, kernel) + bias[:, None, None]
 
 
 class MoeMLP(nnx.Module):
@@ -147,6 +182,8 @@ class MoeMLP(nnx.Module):
 
   def with_stats(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """[B, T, W] -> ([B, T, W], routing statistics); one example is one routing group."""
+    if self.moe.dispatch == "all_to_all":
+      return self._all_to_all(x)
     logits = jnp.einsum("btw,we->bte", x.astype(jnp.float32),
                         self.router[...].astype(jnp.float32))
     dispatch, combine, stats = route(logits, self.top_k, self.moe.capacity(x.shape[1]))
@@ -158,6 +195,35 @@ class MoeMLP(nnx.Module):
     expert_out = sharding.constrain(self.fc2(layers.ACTIVATIONS[self.activation](h)),
                                     ACT_EXPERT_EMBED)
     y = jnp.einsum("btec,ebcw->btw", combine.astype(expert_out.dtype), expert_out)
+    return sharding.constrain(y, layers.ACT_EMBED), stats
+
+  def _all_to_all(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`with_stats` with the routing on each device's own examples and the expert buffers
+    exchanged by `jax.lax.all_to_all` over the `expert` mesh axis (inside `jax.shard_map`)."""
+    capacity, act = self.moe.capacity(x.shape[1]), layers.ACTIVATIONS[self.activation]
+    mesh = jax.sharding.get_abstract_mesh()
+    exchange = not mesh.empty
+
+    def local(x, router, w1, b1, w2, b2):  # x [b, T, W]; w1 [E / expert devices, W, H]
+      logits = jnp.einsum("btw,we->bte", x.astype(jnp.float32), router)
+      dispatch, combine, means = route_means(logits, self.top_k, capacity)
+      buf = jnp.einsum("btec,btw->ebcw", dispatch.astype(w1.dtype), x.astype(w1.dtype))
+      if exchange:  # [E, b, C, W] -> [E / n, n b, C, W]: this device's experts, all slots
+        buf = jax.lax.all_to_all(buf, "expert", 0, 1, tiled=True)
+      out = expert_linear(act(expert_linear(buf, w1, b1)), w2, b2)
+      if exchange:  # and back: [E, b, C, W], this device's examples
+        out = jax.lax.all_to_all(out, "expert", 1, 0, tiled=True)
+      y = jnp.einsum("btec,ebcw->btw", combine.astype(out.dtype), out)
+      if exchange:  # equal token counts per device: the mean of means is the global mean
+        means = jax.lax.pmean(means, sharding.BATCH_AXES)
+      return y, routing_stats(means)
+
+    args = (x, self.router[...].astype(jnp.float32), *self.fc1.weights(), *self.fc2.weights())
+    if not exchange:  # no mesh (eager use, unit tests): one device holds every expert
+      return local(*args)
+    batch, expert = P(sharding.BATCH_AXES), P("expert")
+    y, stats = jax.shard_map(local, in_specs=(batch, P(), expert, expert, expert, expert),
+                             out_specs=(batch, P()))(*args)
     return sharding.constrain(y, layers.ACT_EMBED), stats
 
 
