@@ -54,14 +54,16 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradie
 # Frozen weights (e.g. a frozen LLM base, models/llm.py `Frozen`) are nnx Variables that are
 # not nnx.Param. The train step differentiates and updates the `trainable` part only, so a
 # frozen base gets neither gradients nor optimizer state.
-def trainable_mask(model: Any) -> Any:
-  """Pure dict like `nnx.to_pure_dict(nnx.state(model))`: True where the leaf is nnx.Param."""
+def trainable_mask(model: Any, freeze: tuple[str, ...] = ()) -> Any:
+  """Pure dict like `nnx.to_pure_dict(nnx.state(model))`: True where the leaf is nnx.Param
+  outside the top-level groups `freeze` (config.optim.freeze, e.g. ('image',))."""
   from flax import nnx
   from flax.nnx import traversals
 
   everything = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model)))
   params = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return traversals.unflatten_mapping({p: p in params for p in everything})
+  return traversals.unflatten_mapping(
+      {p: p in params and p[0] not in tuple(freeze) for p in everything})
 
 
 def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
