@@ -34,6 +34,8 @@ INIT_PREFIXES = ("hf:", "open_clip:", "big_clip:")
 # The projections of an LLM tower that LoRA may adapt (config.model.text.llm.lora_targets).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOSS_NAMES = ("softmax", "sigmoid", "grouped")
+# The top-level parameter groups of the dual encoder (config.init_only, config.optim.freeze).
+PARAM_GROUPS = ("image", "text", "logit_scale", "logit_bias", "decoder")
 
 # Keys whose value must be one of a fixed set.
 CHOICES = {
@@ -55,6 +57,7 @@ CHOICES = {
     "mesh.multihost": ("auto", "true", "false"),
     "loss.distill.feature": ("cosine", "mse"),
     "loss.caption.mode": ("ar", "parallel"),
+    "loss.align.target": ("", "teacher_text", "ema_image"),
 }
 
 
@@ -154,6 +157,15 @@ def base() -> ml_collections.ConfigDict:
       # tokens in, non-causal) for a parallel_fraction share of the examples, 'ar' for the
       # rest (CapPa uses 0.75).
       caption=dict(weight=0.0, mode="ar", parallel_fraction=1.0),
+      # ProCLIP (Hu et al. 2025; losses/alignment.py): instance_weight * instance alignment
+      # (squared distance of each embedding to the teacher's) + structure_weight * structure
+      # alignment (smooth-L1 between the batch's pair distances) of one tower's embeddings.
+      # target '': off; 'teacher_text': the text tower follows the text embeddings of
+      # `teacher` ('big_clip:WORKDIR[:STEP]', a trained CLIP; stage 1); 'ema_image': the
+      # image tower follows the EMA of itself (needs optim.ema_decay > 0; stage 2's
+      # self-distillation). contrastive_weight weighs the contrastive loss (stage 1: 0).
+      align=dict(target="", teacher="", instance_weight=1.0, structure_weight=1.0,
+                 contrastive_weight=1.0),
   )
   # Architecture switches for exact CLIP / SigLIP layouts (big_clip/export.py maps them to
   # Hugging Face and open_clip); the defaults are OpenAI CLIP's.
@@ -200,6 +212,10 @@ def base() -> ml_collections.ConfigDict:
   # a state dict) or 'big_clip:WORKDIR[:STEP]'. '' = random init. A shorter text position
   # table than model.text.max_len is stretched (Long-CLIP §3.1, models/text.py).
   c.init_from = ""
+  # With init_from='big_clip:...': load only these of PARAM_GROUPS ('image', 'text',
+  # 'logit_scale', ...) from that run, whose other towers may differ (ProCLIP stage 1 takes
+  # CLIP's image tower next to an LLM text tower); the rest keep their init. () = all.
+  c.init_only = ()
   c.data = dict(
       source="embedded",
       global_batch=256,  # examples per step over all hosts
@@ -251,6 +267,9 @@ def base() -> ml_collections.ConfigDict:
       # gradients and optimizer state, the others stay as initialized or loaded (init_from).
       # CLIP-MoE's cluster fine-tunes train the MLPs only: r'\.mlp\.' (docs/moe.md).
       trainable="",
+      # Parameter groups (of PARAM_GROUPS) kept as they are: no gradient, no optimizer state,
+      # no weight decay; e.g. ('image',) locks the image tower (LiT).
+      freeze=(),
   )
   # expert: shards MoE experts (config.model.*.moe) and, as MaxText's, splits the batch
   # like data everywhere else; with no MoE layers expert=k is the same as data=k.
@@ -461,10 +480,11 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        "batch as one contrastive batch (gradient cache), optim.grad_accum_steps makes each "
        "micro-batch its own contrastive batch.")
   need(c.loss.accum_steps == 1 or not (c.loss.long_clip.enabled or c.loss.distill.enabled
-                                       or c.loss.text_pair_weight > 0),
+                                       or c.loss.text_pair_weight > 0 or c.loss.align.target),
        f"config.loss.accum_steps={c.loss.accum_steps} (gradient cache) covers the contrastive "
-       "loss only; set it to 1 with config.loss.long_clip, config.loss.distill or "
-       "config.loss.text_pair_weight (use optim.grad_accum_steps for memory there).")
+       "loss only; set it to 1 with config.loss.long_clip, config.loss.distill, "
+       "config.loss.align or config.loss.text_pair_weight (use optim.grad_accum_steps for "
+       "memory there).")
   need(c.loss.text_pair_weight >= 0, f"config.loss.text_pair_weight="
        f"{c.loss.text_pair_weight} must be >= 0 (0 = off).")
   pairs_read = c.loss.text_pair_weight > 0 or c.loss.caption_contrast
@@ -498,6 +518,7 @@ def _validate_consistency(c: ml_collections.ConfigDict) -> None:
        f"config.data.source={c.data.source!r} names no location, e.g. 'shards:/data/*.tar'.")
   _validate_long_captions(c)
   _validate_regions(c)
+  _validate_align(c)
   _validate_moe(c)
   _validate_caption(c)
   validate_llm(c.model.text.llm)
@@ -522,9 +543,10 @@ def _validate_caption_contrast(c: ml_collections.ConfigDict) -> None:
        "config.loss.caption_contrast trains the LLM text tower: set config.model.text.kind="
        "'llm' and clear config.model.text.llm.cache_dir.")
   need(not (c.loss.long_clip.enabled or c.loss.distill.enabled or c.loss.text_pair_weight > 0
-            or c.loss.accum_steps > 1),
+            or c.loss.accum_steps > 1 or c.loss.align.target),
        "config.loss.caption_contrast is a text-only stage; turn off config.loss.long_clip, "
-       "config.loss.distill, config.loss.text_pair_weight and config.loss.accum_steps.")
+       "config.loss.distill, config.loss.align, config.loss.text_pair_weight and "
+       "config.loss.accum_steps.")
   need(c.loss.name == "softmax", f"config.loss.caption_contrast uses the softmax "
        f"loss (InfoNCE, as LLM2Vec / LLM2CLIP); config.loss.name={c.loss.name!r}.")
 
@@ -572,6 +594,36 @@ def _validate_regions(c: ml_collections.ConfigDict) -> None:
          "config.loss.region_weight embeds region captions with the text tower; "
          "config.model.text.llm.cache_dir feeds cached features for the drawn captions "
          "only; unset the cache.")
+
+
+def _validate_align(c: ml_collections.ConfigDict) -> None:
+  """config.loss.align (ProCLIP's stages), config.init_only and config.optim.freeze."""
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(msg)
+
+  for key, groups in (("init_only", c.init_only), ("optim.freeze", c.optim.freeze)):
+    bad = [g for g in groups if g not in PARAM_GROUPS]
+    need(not bad, f"config.{key} has {bad}; allowed: {', '.join(PARAM_GROUPS)}.")
+  need(not c.init_only or c.init_from.startswith("big_clip:"),
+       f"config.init_only={tuple(c.init_only)} picks towers of a big_clip run; set "
+       "config.init_from='big_clip:WORKDIR[:STEP]' or init_only=().")
+  a = c.loss.align
+  need(min(a.instance_weight, a.structure_weight, a.contrastive_weight) >= 0,
+       "config.loss.align weights must be >= 0.")
+  need(a.target == "teacher_text" or not a.teacher, f"config.loss.align.teacher="
+       f"{a.teacher!r} is read only with target='teacher_text'; clear it.")
+  if a.target == "teacher_text":
+    need(a.teacher.startswith("big_clip:"), f"config.loss.align.teacher={a.teacher!r}; "
+         "target='teacher_text' needs 'big_clip:WORKDIR[:STEP]' (a trained CLIP run).")
+    need(not c.loss.distill.enabled, "config.loss.align.target='teacher_text' and "
+         "config.loss.distill both load a teacher; use one of them.")
+  if a.target == "ema_image":
+    need(c.optim.ema_decay > 0, "config.loss.align.target='ema_image' distills the image "
+         "tower from the EMA of itself: set config.optim.ema_decay > 0 (e.g. 0.999).")
+    need("image" not in c.optim.freeze, "config.loss.align.target='ema_image' regularizes "
+         "a trained image tower; remove 'image' from config.optim.freeze.")
+
 
 MOE_DISPATCHES = ("einsum", "all_to_all")  # models/moe.py DISPATCHES
 

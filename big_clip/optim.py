@@ -57,9 +57,10 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradie
 # Frozen weights (e.g. a frozen LLM base, models/llm.py `Frozen`) are nnx Variables that are
 # not nnx.Param. The train step differentiates and updates the `trainable` part only, so a
 # frozen base gets neither gradients nor optimizer state.
-def trainable_mask(model: Any, pattern: str = "") -> Any:
-  """Pure dict like `nnx.to_pure_dict(nnx.state(model))`: True where the leaf is nnx.Param
-  and, if `pattern` (config.optim.trainable) is set, its dotted path matches it (re.search).
+def trainable_mask(model: Any, pattern: str = "", freeze: tuple[str, ...] = ()) -> Any:
+  """Pure dict like `nnx.to_pure_dict(nnx.state(model))`: True where the leaf is nnx.Param,
+  outside the top-level groups `freeze` (config.optim.freeze, e.g. ('image',)) and, if
+  `pattern` (config.optim.trainable) is set, its dotted path matches it (re.search).
   """
   from flax import nnx
   from flax.nnx import traversals
@@ -67,10 +68,11 @@ def trainable_mask(model: Any, pattern: str = "") -> Any:
   everything = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model)))
   params = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   matches = lambda p: not pattern or re.search(pattern, ".".join(map(str, p))) is not None
-  mask = {p: p in params and matches(p) for p in everything}
+  mask = {p: p in params and p[0] not in tuple(freeze) and matches(p) for p in everything}
   if not any(mask.values()):
-    raise UserError(f"config.optim.trainable={pattern!r} matches no parameter; paths look "
-                    f"like {'.'.join(map(str, next(iter(params))))!r}.")
+    raise UserError(f"config.optim.trainable={pattern!r} with config.optim.freeze="
+                    f"{tuple(freeze)} leaves no parameter to train; paths look like "
+                    f"{'.'.join(map(str, next(iter(params))))!r}.")
   return traversals.unflatten_mapping(mask)
 
 

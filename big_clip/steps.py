@@ -60,6 +60,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   split = ((lambda p: optim.partition(p, trainable)) if trainable is not None
            else (lambda p: (p, {})))
 
+  self_distill = config.loss.align.target == "ema_image"
   cc, mntp_weight = config.loss.caption_contrast, float(config.loss.mntp_weight)
   pad_id = llm.TowerOptions.from_config(config.model).pad_id if mntp_weight > 0 else None
 
@@ -126,6 +127,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       batch = {**batch, "caption_parallel": decoder.parallel_rows(
           config, state["step"], batch["text"].shape[0])}
     params, frozen = split(state["params"])
+    if self_distill:  # ProCLIP stage 2 (Fig. 2): the EMA of the image tower is its teacher
+      teacher = nnx.merge(graphdef, optim.combine(state["ema"], frozen))
+      batch = {**batch, "teacher_image": jax.lax.stop_gradient(
+          teacher.encode_image(batch["image"]))}
     (loss, (scale, bias, parts)), grads = gradients(params, frozen, batch)
     grad_norm = optax.global_norm(grads)
     updates, opt = tx.update(grads, state["opt"], params)
@@ -200,7 +205,8 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   tx, schedule = optim.make(config.optim, config.total_steps)
   repl = sharding.replicated(mesh)
   init_model = two_tower.init_fn(config.model, config.seed)
-  trainable = optim.trainable_mask(nnx.eval_shape(init_model), config.optim.trainable)
+  trainable = optim.trainable_mask(nnx.eval_shape(init_model), config.optim.trainable,
+                                   config.optim.freeze)
 
   ema = config.optim.ema_decay > 0
   # The EMA starts at the weights: a copy (its own buffers, since the step donates both).

@@ -64,8 +64,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
                             with_short_captions=config.loss.long_clip.enabled,
                             hard_negatives=config.loss.hard_negatives)
   teacher_dim = None
-  if config.loss.distill.enabled:  # the frozen teacher embeds every batch on the host side
-    distill_teacher = teacher.Teacher(config.loss.distill.teacher, config, tokenizer.model_path)
+  align = config.loss.align
+  teacher_spec = (config.loss.distill.teacher if config.loss.distill.enabled
+                  else align.teacher if align.target == "teacher_text" else "")
+  if teacher_spec:  # the frozen teacher embeds every batch on the host side
+    if config.model.text.kind == "llm" and config.model.text.llm.path:
+      raise config_lib.ConfigError(
+          f"A teacher ({teacher_spec}) reads this run's tokens, but the LLM tower "
+          f"{config.model.text.llm.path} has its own tokenizer: not supported yet; use the "
+          "random-init LLM tower (config.model.text.llm.path='') with the teacher's "
+          "tokenizer (config.data.tokenizer.path).")
+    distill_teacher = teacher.Teacher(teacher_spec, config, tokenizer.model_path)
     data_iter, teacher_dim = teacher.WithTeacher(data_iter, distill_teacher), \
         distill_teacher.embed_dim
 
@@ -88,7 +97,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
     # big_clip run must have used the same tokenizer.
     loaded = pretrained.load_init(config.init_from, config, getattr(tokenizer, "model_path",
                                                                     None))
-    state["params"] = sharding.place_like(loaded, state["params"])
+    # With config.init_only only some groups are loaded; the others keep their init.
+    state["params"] = {**state["params"], **sharding.place_like(
+        loaded, {k: state["params"][k] for k in loaded})}
     state = setup.restart_ema(state)  # the average starts at the loaded weights
   metrics_log = workdir_lib.MetricsLog(workdir, first_step)
 

@@ -103,8 +103,9 @@ def load_init(init_from: str, config: ml_collections.ConfigDict,
     raise ValueError(f"config.init_from={init_from!r}; use hf:PATH, open_clip:PATH or "
                      "big_clip:WORKDIR[:STEP].")
   logging.info("Initializing the towers from %s", init_from)
-  if kind == "big_clip":
-    return adapt.load_big_clip(init_from, config.model, tokenizer_path)[1]
+  if kind == "big_clip":  # config.init_only: some towers (the others keep their init)
+    return adapt.load_big_clip(init_from, config.model, tokenizer_path,
+                               tuple(config.init_only))[1]
   return (from_hf if kind == "hf" else from_open_clip)(path, config)[1]
 
 

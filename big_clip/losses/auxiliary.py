@@ -1,6 +1,7 @@
 """Loss terms added to the contrastive loss by config: Long-CLIP's short-caption
 term (`config.loss.long_clip`, losses/long_clip.py), distillation from a frozen teacher
-(`config.loss.distill`, losses/distill.py), the caption-pair term
+(`config.loss.distill`, losses/distill.py), ProCLIP's alignment to a teacher or to the EMA
+of the image tower (`config.loss.align`, losses/alignment.py), the caption-pair term
 (`config.loss.text_pair_weight`), the captioning decoder's loss (`config.loss.caption`,
 losses/caption.py), the region-text loss (`config.loss.region_weight`, losses/region.py) and
 hard attribute negatives (`config.loss.hard_negatives`, losses/hard_negatives.py). The train
@@ -16,7 +17,7 @@ import jax
 import ml_collections
 
 from big_clip import losses
-from big_clip.losses import caption, distill, hard_negatives, long_clip, region
+from big_clip.losses import alignment, caption, distill, hard_negatives, long_clip, region
 
 TEACHER_KEYS = ("teacher_image", "teacher_text")
 
@@ -29,7 +30,7 @@ def batch_entries(config: ml_collections.ConfigDict, teacher_dim: int | None = N
     out["text_short"] = ((config.data.max_len,), "int32")
   if config.loss.text_pair_weight > 0 or config.loss.caption_contrast:
     out["text_pair"] = ((config.data.max_len,), "int32")
-  if config.loss.distill.enabled:
+  if config.loss.distill.enabled or config.loss.align.target == "teacher_text":
     dim = teacher_dim or config.model.embed_dim
     out.update({k: ((dim,), "float32") for k in TEACHER_KEYS})
   r, k, length = config.data.max_regions, config.loss.hard_negatives, config.data.max_len
@@ -46,15 +47,17 @@ def make(config: ml_collections.ConfigDict
   """`total(contrastive, model, batch, img_emb, txt_emb, scale, bias, *, mesh,
   image_tokens)` -> (the loss with the enabled terms, {metric name: each term before
   weighting}), or None when none is enabled. The names ('loss/contrastive',
-  'loss/short_caption', 'loss/text_pair', 'loss/distill', 'loss/caption') are logged next to
-  'loss'. `image_tokens` (the image tower's last-block tokens) feed the caption decoder."""
-  lc, dist = config.loss.long_clip, config.loss.distill
+  'loss/short_caption', 'loss/text_pair', 'loss/distill', 'loss/instance', 'loss/structure',
+  'loss/caption') are logged next to 'loss'. `image_tokens` (the image tower's last-block
+  tokens) feed the caption decoder. With `config.loss.align.target='ema_image'` the batch
+  holds 'teacher_image' from the EMA weights (steps.make_train_step puts it there)."""
+  lc, dist, align = config.loss.long_clip, config.loss.distill, config.loss.align
   pair_weight = float(config.loss.text_pair_weight)
   caption_weight = float(config.loss.caption.weight)
   region_weight = float(config.loss.region_weight)
   negatives = int(config.loss.hard_negatives)
   negative_weight = float(config.loss.hard_negative_weight)
-  if not (lc.enabled or dist.enabled or pair_weight > 0 or caption_weight > 0
+  if not (lc.enabled or dist.enabled or align.target or pair_weight > 0 or caption_weight > 0
           or region_weight > 0 or negatives):
     return None
   base_loss = losses.get(config.loss.name)
@@ -64,9 +67,10 @@ def make(config: ml_collections.ConfigDict
             txt_emb: jax.Array, scale: jax.Array, bias: jax.Array, *, mesh,
             image_tokens: jax.Array | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    # distill.contrastive_weight weights the contrastive loss alone (ProCLIP stage 1 sets it
-    # to 0 and keeps the other terms).
+    # distill / align.contrastive_weight weigh the contrastive loss alone (ProCLIP stage 1
+    # sets it to 0 and keeps the other terms).
     weight = float(dist.contrastive_weight) if dist.enabled else 1.0
+    weight *= float(align.contrastive_weight) if align.target else 1.0
     out, parts = weight * contrastive, {"loss/contrastive": contrastive}
     if lc.enabled:  # Long-CLIP §3.2: 'text' holds long captions, 'text_short' short ones
       parts["loss/short_caption"] = long_clip.short_caption_loss(
@@ -83,6 +87,13 @@ def make(config: ml_collections.ConfigDict
           feature=dist.feature, feature_weight=float(dist.feature_weight),
           kl_weight=float(dist.kl_weight), temperature=float(dist.temperature), mesh=mesh)
       out = out + parts["loss/distill"]
+    if align.target:  # ProCLIP: stage 1 the text tower, stage 2 the image tower
+      student, key = ((txt_emb, "teacher_text") if align.target == "teacher_text"
+                      else (img_emb, "teacher_image"))
+      instance, structure = alignment.terms(student, batch[key], mesh=mesh)
+      parts.update({"loss/instance": instance, "loss/structure": structure})
+      out = (out + float(align.instance_weight) * instance
+             + float(align.structure_weight) * structure)
     if caption_weight > 0:  # CoCa eq. 4: L = L_con + lambda * L_cap
       parts["loss/caption"] = caption.loss(
           model.decoder, image_tokens, batch["text"], pad_id=int(config.model.text.pad_id),

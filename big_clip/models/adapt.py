@@ -91,16 +91,21 @@ def abstract_flat(model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
 # The gate.
 # ---------------------------------------------------------------------------------------------
 def import_params(flat: Mapping[str, np.ndarray], model_cfg: Any, *,
-                  origin: Mapping[str, str] | None = None, source: str = "imported weights"
-                  ) -> dict[str, Any]:
+                  origin: Mapping[str, str] | None = None, source: str = "imported weights",
+                  only: tuple[str, ...] = ()) -> dict[str, Any]:
   """Checks per-layer params `flat` against the model `model_cfg` builds and returns them as
   the model's pure dict (scanned if `model_cfg.scan_layers`), NumPy, in `param_dtype`.
 
   Every tensor must be present with the model's shape; the error names the tensor (and the
   source tensor it came from), its shape and the expected shape. Only the text positional
   table may be shorter than the model's: it is stretched (Long-CLIP §3.1), never cut.
+  `only` (config.init_only): just these top-level groups, e.g. ('image',), are checked and
+  returned; () = all.
   """
   abstract = abstract_flat(model_cfg)
+  if only:
+    picked = lambda tree: {k: v for k, v in tree.items() if k.split(".")[0] in only}
+    abstract, flat = picked(abstract), picked(flat)
   expected = per_layer(abstract, take=lambda a, i: jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
   origin = origin or {}
 
@@ -118,7 +123,9 @@ def import_params(flat: Mapping[str, np.ndarray], model_cfg: Any, *,
         + ". The model config (towers, widths, scan_layers) does not describe this "
         "checkpoint.")
   pos = POSITIONAL_TABLE
-  have, want = np.shape(flat[pos]), tuple(expected[pos].shape)
+  # An LLM text tower (or one that `only` leaves out) has no positional table.
+  have = np.shape(flat[pos]) if pos in flat else (0, 0)
+  want = tuple(expected[pos].shape) if pos in expected else (0, 0)
   if have[-1:] == want[-1:] and have[0] < want[0]:
     logging.info("%s: stretching %s from %d to %d positions (Long-CLIP, first %d kept).",
                  source, pos, have[0], want[0], text.LONG_CLIP_KEEP)
@@ -191,10 +198,10 @@ def check_same_tokenizer(workdir: str, tokenizer_path: str) -> None:
                      f"Set config.data.tokenizer.path={source!r}.")
 
 
-def _read_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None
-                   ) -> tuple[int, dict[str, np.ndarray], str]:
+def _read_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None,
+                   only: tuple[str, ...] = ()) -> tuple[int, dict[str, np.ndarray], str]:
   """(step, per-layer flat params, workdir) of the run `spec` (its weight EMA where it kept
-  one), after the tokenizer and architecture checks."""
+  one), after the tokenizer and architecture checks (of the groups `only` where given)."""
   workdir, step = parse_big_clip_spec(spec)
   run = run_config(workdir)
   if run.loss.caption_contrast:  # its image tower and adapter were never trained
@@ -202,17 +209,20 @@ def _read_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None
         f"{workdir} is a caption-contrastive (CC) run: only its LLM is trained. Export it with "
         f"python tools/export_llm.py --run {workdir} --out LLM_FOLDER and set "
         "config.model.text.llm.path=LLM_FOLDER (docs/llm-towers.md).")
-  if tokenizer_path is not None:
+  if tokenizer_path is not None and (not only or "text" in only):
     check_same_tokenizer(workdir, tokenizer_path)
-  check_architecture(run.model.to_dict(), model_cfg, workdir)
+  derived = run.model.to_dict()
+  if only:  # the shared settings and the towers loaded; the others may differ
+    derived = {k: v for k, v in derived.items() if not isinstance(v, Mapping) or k in only}
+  check_architecture(derived, model_cfg, workdir)
   step, flat = checkpoints.read_params(workdir_lib.checkpoints_dir(workdir), step)
   per_layer_flat = per_layer(_as_dotted(flat))
   logging.info("Loaded %d tensors of step %d from %s.", len(per_layer_flat), step, workdir)
   return step, per_layer_flat, workdir
 
 
-def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
-                  ) -> tuple[int, dict[str, Any]]:
+def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None,
+                  only: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:
   """(step, params) of another run, `spec` = 'big_clip:WORKDIR[:STEP]', fitted to `model_cfg`
   by `import_params` (NumPy, the model's layout); the run's weight EMA where it kept one. A
   dense run read into a model with MoE
@@ -220,13 +230,14 @@ def load_big_clip(spec: str, model_cfg: Any, tokenizer_path: str | None = None
   into the experts (`assemble_experts`).
 
   Checks, in order: the tokenizer file is the same (when `tokenizer_path` is given), the
-  run's architecture settings equal `model_cfg`'s, every tensor fits.
+  run's architecture settings equal `model_cfg`'s, every tensor fits. `only`
+  (config.init_only): load just these top-level groups, e.g. ('image', 'logit_scale').
   """
-  runs = [_read_big_clip(one, model_cfg, tokenizer_path) for one in spec.split(",")]
+  runs = [_read_big_clip(one, model_cfg, tokenizer_path, only) for one in spec.split(",")]
   step, flat, workdir = runs[0]
   if len(runs) > 1 or needs_upcycling(flat, model_cfg):
     flat = assemble_experts([r[1] for r in runs], model_cfg)
-  params = import_params(flat, model_cfg, source=f"{workdir} checkpoint {step}")
+  params = import_params(flat, model_cfg, source=f"{workdir} checkpoint {step}", only=only)
   return step, params
 
 

@@ -64,3 +64,9 @@ class WithTeacher:
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     self._it.set_state(state)
+
+  def skipped(self) -> dict[str, int]:
+    return self._it.skipped()
+
+  def close(self) -> None:
+    self._it.close()
