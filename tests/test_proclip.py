@@ -119,7 +119,7 @@ def test_stage2_teacher_is_the_ema_of_the_image_tower():
 def test_freeze_and_init_only_pick_top_level_groups():
   c = tiny_config()
   model = nnx.eval_shape(two_tower.init_fn(c.model))
-  mask = adapt.flatten(optim.trainable_mask(model, ("image", "logit_scale")))
+  mask = adapt.flatten(optim.trainable_mask(model, freeze=("image", "logit_scale")))
   assert not any(v for k, v in mask.items() if k.startswith("image.") or k == "logit_scale")
   assert all(v for k, v in mask.items() if k.startswith("text.") or k == "logit_bias")
   flat = {k: np.zeros(v.shape, np.float32) for k, v in adapt.per_layer(
