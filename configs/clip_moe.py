@@ -17,10 +17,11 @@ On a v5e-256 pod (32 FSDP x 8 expert; the batch is split over all 256 chips):
 embedded data, for a CPU smoke test.
 
 Compiled for a v5e-256 (python -m big_clip.plan --config configs/clip_moe.py --topology
-v5e:16x16; benchmarks/RESULTS.md): it does NOT fit as written: 18.1 GiB per chip of 16
-(temporaries 18.0 GiB); with optim.grad_accum_steps=2 still 17.0 GiB, and GSPMD's einsum
-dispatch then gathers ~860 GiB per chip per step. The pod recipe needs the shard_map
-all-to-all dispatch (benchmarks/moe_dispatch.py) before it is usable at this scale.
+v5e:16x16; benchmarks/RESULTS.md): 3.71 GiB per chip of 16 (temporaries 2.91 GiB) with the
+shard_map all-to-all dispatch (moe.dispatch='all_to_all'); per chip and step 740 MiB of
+all-gathers (the FSDP weights), 159 MiB of all-reduces, 64 MiB of ring permutes. With
+GSPMD's einsum dispatch it did not fit: 18.1 GiB (17.0 with optim.grad_accum_steps=2, and
+~860 GiB of all-gathers: the router logits and slot masks gathered over the batch).
 """
 
 from big_clip import config as config_lib
@@ -45,7 +46,8 @@ def get_config(arg: str | None = None):
                       mlp_dim=2048, pool="eos")
   for tower in ("image", "text"):
     c.model[tower].moe.update(experts=8, top_k=2, every_n_layers=2, capacity_factor=1.25,
-                              router_z_loss=1e-3, load_balance=1e-2, upcycle_noise=0.0)
+                              router_z_loss=1e-3, load_balance=1e-2, upcycle_noise=0.0,
+                              dispatch="all_to_all")
 
   c.loss.name = "softmax"
   c.data.update(source="shards:gs://YOUR_BUCKET/multilingual/{00000..41407}.tar",
