@@ -1,11 +1,10 @@
-r"""MoE dispatch: GSPMD einsums (models/moe.py) vs shard_map + all_to_all, and capacity.
+r"""MoE dispatch: `moe.dispatch='einsum'` (GSPMD) vs 'all_to_all' (shard_map), models/moe.py.
 
 One MoE MLP layer, forward + backward, on a (data x expert) mesh: the compiled per-device
-temporary memory, the all-to-alls in the optimized HLO, and the time per call.
-'gspmd' is the library's layer (dispatch mask einsums; XLA inserts the all-to-alls from the
-sharding constraints); 'shard_map' routes the same way per device and exchanges the expert
-buffers with explicit `jax.lax.all_to_all` over `expert` (the expert weights sharded over
-`expert` only); 'dense' is the dense MLP of the same width for scale.
+temporary memory, the collectives in the optimized HLO, and the time per call.
+'einsum' lets XLA insert the exchange from the sharding constraints of the expert buffers;
+'all_to_all' routes each device's examples and exchanges the expert buffers with explicit
+`jax.lax.all_to_all` over `expert`; 'dense' is the dense MLP of the same width for scale.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.moe_dispatch
 """
@@ -30,28 +29,11 @@ from big_clip.models import layers, moe
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "collective-permute")
 
 
-def _shard_map_layer(mesh, cfg: layers.TransformerConfig, moe_cfg: moe.MoeConfig):
-  """The same routing as `moe.MoeMLP.with_stats`, with an explicit all_to_all."""
-  act = layers.ACTIVATIONS[cfg.activation]
-
-  def local(x, router, w1, b1, w2, b2):  # x [b, T, W]; w1 [E/n, W, H]
-    logits = jnp.einsum("btw,we->bte", x, router)
-    dispatch, combine, _ = moe.route(logits, moe_cfg.top_k, moe_cfg.capacity(x.shape[1]))
-    buf = jnp.einsum("btec,btw->ebcw", dispatch, x)  # [E, b, C, W]
-    buf = jax.lax.all_to_all(buf, "expert", 0, 1, tiled=True)  # [E/n, n b, C, W]
-    h = act(jnp.einsum("ebcw,ewh->ebch", buf, w1) + b1[:, None, None])
-    out = jnp.einsum("ebch,ehw->ebcw", h, w2) + b2[:, None, None]
-    out = jax.lax.all_to_all(out, "expert", 1, 0, tiled=True)  # [E, b, C, W]
-    return jnp.einsum("btec,ebcw->btw", combine, out)
-
-  specs = (P(sharding.BATCH_AXES), P(), P("expert"), P("expert"), P("expert"), P("expert"))
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(sharding.BATCH_AXES))
-
-
 def measure(kind: str, mesh, args) -> dict:
   cfg = layers.TransformerConfig(width=args.width, depth=12, heads=4, mlp_dim=args.mlp_dim)
   moe_cfg = moe.MoeConfig(experts=args.experts, top_k=args.top_k,
-                          capacity_factor=args.capacity_factor)
+                          capacity_factor=args.capacity_factor,
+                          dispatch="einsum" if kind == "dense" else kind)
   module = (layers.MLP(cfg, rngs=nnx.Rngs(0)) if kind == "dense"
             else moe.MoeMLP(cfg, moe_cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(module)
@@ -60,14 +42,7 @@ def measure(kind: str, mesh, args) -> dict:
   x = jax.device_put(
       jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.tokens, args.width)),
                   jnp.float32), NamedSharding(mesh, P(sharding.BATCH_AXES)))
-  if kind == "shard_map":
-    layer = _shard_map_layer(mesh, cfg, moe_cfg)
-    apply = lambda s, x: layer(x, s["router"][...], s["fc1"]["kernel"][...],
-                               s["fc1"]["bias"][...], s["fc2"]["kernel"][...],
-                               s["fc2"]["bias"][...])
-  else:
-    apply = lambda s, x: nnx.merge(graphdef, s)(x)
-  loss = lambda s, x: jnp.sum(apply(s, x) ** 2)
+  loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2)
   with jax.set_mesh(mesh):
     fn = jax.jit(jax.grad(loss))
     compiled = fn.lower(state, x).compile()
@@ -99,7 +74,7 @@ def main() -> None:
         f"{args.width}, mlp {args.mlp_dim}, {args.experts} experts, top-{args.top_k}, "
         f"capacity factor {args.capacity_factor}")
   print(f"{'kind':10s} {'temp MiB':>9s} {'ms/call':>8s} " + " ".join(COLLECTIVES))
-  for kind in ("dense", "gspmd", "shard_map"):
+  for kind in ("dense", "einsum", "all_to_all"):
     r = measure(kind, mesh, args)
     print(f"{r['kind']:10s} {r['temp_MiB']:9.2f} {r['ms']:8.1f} "
           + " ".join(f"{r[op]:{len(op)}d}" for op in COLLECTIVES))
