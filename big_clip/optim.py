@@ -70,9 +70,9 @@ def trainable_mask(model: Any, pattern: str = "", freeze: tuple[str, ...] = ()) 
   matches = lambda p: not pattern or re.search(pattern, ".".join(map(str, p))) is not None
   mask = {p: p in params and p[0] not in tuple(freeze) and matches(p) for p in everything}
   if not any(mask.values()):
-    raise UserError(f"config.optim.trainable={pattern!r} with config.optim.freeze="
-                    f"{tuple(freeze)} leaves no parameter to train; paths look like "
-                    f"{'.'.join(map(str, next(iter(params))))!r}.")
+    frozen = f" outside config.optim.freeze={tuple(freeze)}" if freeze else ""
+    raise UserError(f"config.optim.trainable={pattern!r} matches no parameter{frozen}; paths "
+                    f"look like {'.'.join(map(str, next(iter(params))))!r}.")
   return traversals.unflatten_mapping(mask)
 
 
