@@ -14,9 +14,13 @@ and reports ratio = pipeline / step (>= 3 means the input never starves the step
 
 `--live` measures instead what the real train loop waits for: `big_clip.train.train` runs the
 Flickr recipe (configs/flickr_multi30k.py) and the embedded default (configs/default.py) for
-`--live_steps` steps each, with no evals or checkpoints in between, and reports the mean
-`data_wait_fraction` the loop logged (the share of wall time blocked on the next batch and its
-host->device copy), first window excluded (tf.data threads still starting).
+`--live_steps` steps each, with no evals or checkpoints in between, and reports the means the
+loop logged, first window excluded (threads still starting): `data_wait_fraction` (the share
+of wall time the loop blocked on input with no step queued on the device: training waiting
+for data) and `input_block_fraction` (all its blocking on input, most of it while queued
+steps run). Each recipe runs a second time on its first batch repeated, so the pipeline's
+whole cost shows as `pipeline_cost` = 1 - examples/s with the pipeline / without it (on a
+CPU host the pipeline's threads share the cores with the step).
 
   python benchmarks/input_pipeline.py --live --json /tmp/live_wait.json
 """
@@ -114,22 +118,47 @@ def step_rate(c, steps: int) -> float:
   return steps * gb / (time.perf_counter() - t0)
 
 
-def live_wait(name: str, steps: int, log_every: int) -> dict:
-  """Runs recipe `name` for `steps` steps in the real loop; the logged data-wait shares."""
+class _RepeatFirst:
+  """The real iterator's first batch, forever: the same loop without the pipeline's work."""
+
+  def __init__(self, it):
+    self._it, self._batch = it, next(it)
+
+  def __next__(self):
+    return self._batch
+
+  def __getattr__(self, name):
+    return getattr(self._it, name)
+
+
+def live_wait(name: str, steps: int, log_every: int, constant: bool = False) -> dict:
+  """Runs recipe `name` for `steps` steps in the real loop; the logged input-wait shares.
+
+  With `constant`, the loop gets the pipeline's first batch again and again: the steps/s
+  the loop reaches when the pipeline costs nothing."""
   c = _load_config(name)
   c.total_steps, c.log_every = steps, log_every
   c.evals = ()
   c.eval.every_steps = c.checkpoint.every_steps = 10 * steps  # only the final ones
-  with tempfile.TemporaryDirectory() as work:
-    t0 = time.perf_counter()
-    train.train(c, work)
-    seconds = time.perf_counter() - t0
-    with open(os.path.join(work, "metrics.jsonl")) as f:
-      rows = [r for r in map(json.loads, f) if "data_wait_fraction" in r]
-  waits = [r["data_wait_fraction"] for r in rows[1:]]
+  make = pipeline.make
+  if constant:
+    pipeline.make = lambda *a, **k: _RepeatFirst(make(*a, **k))
+  try:
+    with tempfile.TemporaryDirectory() as work:
+      t0 = time.perf_counter()
+      train.train(c, work)
+      seconds = time.perf_counter() - t0
+      with open(os.path.join(work, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "data_wait_fraction" in r]
+  finally:
+    pipeline.make = make
+  rows = rows[1:]  # the first window holds the start of the pipeline's threads
   return {"recipe": name, "steps": steps, "global_batch": c.data.global_batch,
-          "data_wait_fraction": float(np.mean(waits)), "max_window": float(np.max(waits)),
-          "examples_per_s": float(np.mean([r["examples_per_s"] for r in rows[1:]])),
+          "input": "first batch repeated" if constant else "pipeline",
+          "data_wait_fraction": float(np.mean([r["data_wait_fraction"] for r in rows])),
+          "max_window": float(np.max([r["data_wait_fraction"] for r in rows])),
+          "input_block_fraction": float(np.mean([r["input_block_fraction"] for r in rows])),
+          "examples_per_s": float(np.mean([r["examples_per_s"] for r in rows])),
           "wall_seconds": seconds}
 
 
@@ -150,11 +179,16 @@ def main() -> None:
   if args.live:
     rows = []
     for name in args.live_recipes.split(","):
-      rows.append(live_wait(name, args.live_steps, max(1, args.live_steps // 6)))
-      r = rows[-1]
-      print(f"{name}: data_wait_fraction {r['data_wait_fraction']:.3f} (worst window "
-            f"{r['max_window']:.3f}), {r['examples_per_s']:.0f} examples/s, batch "
-            f"{r['global_batch']}, {r['steps']} steps  (target <= 0.05)", flush=True)
+      real = live_wait(name, args.live_steps, max(1, args.live_steps // 6))
+      free = live_wait(name, args.live_steps, max(1, args.live_steps // 6), constant=True)
+      real["pipeline_cost"] = 1 - real["examples_per_s"] / free["examples_per_s"]
+      rows += [real, free]
+      print(f"{name}: data_wait_fraction {real['data_wait_fraction']:.3f} (worst window "
+            f"{real['max_window']:.3f}; target <= 0.05), loop blocked on input "
+            f"{real['input_block_fraction']:.3f}; {real['examples_per_s']:.1f} examples/s vs "
+            f"{free['examples_per_s']:.1f} with the first batch repeated (pipeline cost "
+            f"{100 * real['pipeline_cost']:.1f}%), batch {real['global_batch']}, "
+            f"{real['steps']} steps", flush=True)
     if args.json:
       with open(args.json, "w") as f:
         json.dump(rows, f, indent=2)

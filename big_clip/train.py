@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,6 +30,42 @@ from big_clip.models import teacher
 from big_clip.steps import NonFiniteLossError, build, eval_params
 
 __all__ = ["train", "NonFiniteLossError", "build"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Input wait
+# ---------------------------------------------------------------------------------------------
+class InputWait:
+  """Times the loop's blocking on the input pipeline (next batch + host->device copy).
+
+  Steps are dispatched asynchronously, so the loop usually runs ahead of the device with
+  steps queued; blocking on input then costs no step time. `fractions()` reports both:
+
+    input_block_fraction: share of wall time the loop blocked on input at all;
+    data_wait_fraction: the part of it during which the previous step had already finished,
+        i.e. the device had nothing to run: the time training waited for data. An upper
+        bound: a step that finishes during the wait counts the whole wait.
+  """
+
+  def __init__(self):
+    self._blocked = self._starved = 0.0
+
+  def fetch(self, get_batch: Callable[[], Any], previous_outputs: Any) -> Any:
+    """`get_batch()`, timed; `previous_outputs` are the last dispatched step's arrays."""
+    start = time.perf_counter()
+    batch = get_batch()
+    seconds = time.perf_counter() - start
+    self._blocked += seconds
+    if all(x.is_ready() for x in jax.tree.leaves(previous_outputs)):
+      self._starved += seconds
+    return batch
+
+  def fractions(self, window_seconds: float) -> dict[str, float]:
+    """The shares of `window_seconds` since the last call; restarts the counts."""
+    out = {"data_wait_fraction": self._starved / window_seconds,
+           "input_block_fraction": self._blocked / window_seconds}
+    self._blocked = self._starved = 0.0
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,14 +167,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
   last: dict[str, float] = {}
   results: list[dict] = []
   t_log, step_log = time.perf_counter(), first_step
-  data_wait = 0.0  # seconds the loop blocked on the input pipeline since the last log
+  input_wait = InputWait()
   logging.info("Training from step %d to %d, global batch %d", first_step, config.total_steps,
                config.data.global_batch)
   step = first_step
   for step in range(first_step + 1, config.total_steps + 1):
-    t_data = time.perf_counter()
-    batch = sharding.place_batch(next(data_iter), mesh)
-    data_wait += time.perf_counter() - t_data
+    batch = input_wait.fetch(lambda: sharding.place_batch(next(data_iter), mesh),
+                             pending[-1] if pending else None)
     with jax.transfer_guard("disallow"):  # no silent host<->device copies in the loop
       state, metrics = setup.step_for(step)(state, batch)
     pending.append(metrics)
@@ -150,12 +186,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model_name: str = 
       last["nonfinite_steps"] = int(jax.device_get(state["nonfinite"]))
       now = time.perf_counter()
       steps_per_s = (step - step_log) / (now - t_log)
-      # The share of the loop's wall time spent waiting for the next batch (and its
-      # host->device copy); the step itself runs asynchronously meanwhile.
       last.update(steps_per_s=steps_per_s,
                   examples_per_s=steps_per_s * config.data.global_batch,
-                  data_wait_fraction=data_wait / (now - t_log))
-      t_log, step_log, data_wait = now, step, 0.0
+                  **input_wait.fractions(now - t_log))
+      t_log, step_log = now, step
       last.update({f"skipped/{k}": v for k, v in data_iter.skipped().items()})
       metrics_log.write(step, last)
       terms = ", ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss/"))

@@ -204,7 +204,7 @@ def test_stop_and_restart_on_the_same_workdir_continues_the_same_trajectory(tmp_
 
 def _logged_rows(workdir):
   """{step: logged scalars} without the wall-clock ones (speed, data wait)."""
-  timing = ("steps_per_s", "examples_per_s", "data_wait_fraction")
+  timing = ("steps_per_s", "examples_per_s", "data_wait_fraction", "input_block_fraction")
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(l) for l in f]
   out = {}
@@ -404,9 +404,35 @@ def test_logit_scale_is_clamped_at_the_cap_and_its_gradient_brings_it_back(monke
                                     cap - 4, 0.0], atol=1e-5)
 
 
+class _StepOutput:
+  """Stands for a dispatched step's output array: done or still running."""
+
+  def __init__(self, done: bool):
+    self.done = done
+
+  def is_ready(self) -> bool:
+    return self.done
+
+
+def test_a_wait_for_input_counts_as_data_wait_only_when_no_step_is_queued():
+  """Blocking on input while the previous step still runs costs the device nothing: it is
+  input_block time, not data_wait time; after a finished step (or before the first one) it
+  is both."""
+  wait = train.InputWait()
+  fetch = lambda: time.sleep(0.05) or "batch"
+  assert wait.fetch(fetch, {"loss": _StepOutput(False)}) == "batch"
+  wait.fetch(fetch, {"loss": _StepOutput(True), "lr": _StepOutput(True)})
+  wait.fetch(fetch, None)
+  shares = wait.fractions(window_seconds=1.0)
+  assert shares["data_wait_fraction"] >= 0.1  # the last two fetches
+  assert shares["input_block_fraction"] - shares["data_wait_fraction"] >= 0.05  # the first
+  assert wait.fractions(1.0) == {"data_wait_fraction": 0.0, "input_block_fraction": 0.0}
+
+
 def test_the_loop_logs_the_share_of_time_it_waited_for_data(tmp_path, spm_path, monkeypatch):
   """A pipeline that takes 0.3 s per batch: each logged window (one step) spent at least those
-  0.3 s waiting, i.e. data_wait_fraction x window seconds >= 0.3; the fraction is <= 1."""
+  0.3 s waiting, i.e. data_wait_fraction x window seconds >= 0.3 (the tiny step is done long
+  before: the device waited); the fraction is <= 1."""
   config = tiny_config(**{"data.tokenizer.path": spm_path, "total_steps": 4,
                           "checkpoint.every_steps": 1000, "checkpoint.use_async": False})
   make = pipeline.make
