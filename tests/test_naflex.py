@@ -241,3 +241,41 @@ def test_file_sources_keep_the_whole_image_at_its_aspect_ratio(tmp_path):
       (6 * P, 2 * P), Image.Resampling.BILINEAR)) for i in order], data)
   np.testing.assert_allclose(batch["image"], want, atol=1e-6)
   assert batch["image"][0, :, -1].max() == 5 and batch["image"][0, :, -2].max() == 1
+
+
+def test_evaluators_read_file_images_whole_for_naflex_and_cropped_otherwise(tmp_path):
+  """The zeroshot (folder) and retrieval (manifest) evaluators of a NaFlex model read each
+  1:3 image whole at its own size; those of a fixed-resolution model, centre-cropped
+  squares."""
+  import json
+  from PIL import Image
+  from big_clip import sharding
+  from big_clip.evals import retrieval, specs, zeroshot
+  from big_clip.evals import towers as towers_lib
+
+  class Chars:
+    max_len = 8
+
+    def encode(self, texts):
+      return np.array([[ord(c) % 16 for c in t[:8].ljust(8, "\0")] for t in texts], np.int32)
+
+  rng = np.random.default_rng(7)
+  items = []
+  for i, cls in enumerate(("cat", "dog")):
+    (tmp_path / cls).mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 60, 3), np.uint8)).save(tmp_path / cls / "a.png")
+    items.append({"image": f"{cls}/a.png", "split": "test", "captions": {"en": [f"a {cls}"]}})
+  (tmp_path / "manifest.json").write_text(json.dumps({"items": items}))
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  for naflex_on, shape in ((True, (20, 60, 3)), (False, (16, 16, 3))):
+    config = config_lib.base()
+    config.data.update(image_size=16, patch_size=P, max_patches=20 if naflex_on else 0)
+    graphdef = nnx.graphdef(tiny_model(naflex_on))
+    towers = towers_lib.Towers.build(config, Chars(), graphdef, mesh)
+    evaluators = (
+        zeroshot.Evaluator(specs.parse(f"zeroshot:folder:{tmp_path}"), config, towers, "m"),
+        retrieval.Evaluator(specs.parse(f"retrieval:manifest:{tmp_path / 'manifest.json'}:test"),
+                            towers, "m"))
+    for evaluator in evaluators:
+      got = evaluator.images[np.arange(2)]
+      assert [x.shape for x in got] == [shape, shape], (type(evaluator), naflex_on)

@@ -70,7 +70,7 @@ def _limit(n: int, spec: EvalSpec) -> int:
   return min(n, spec.limit) if spec.limit else n
 
 
-def _from_manifest(spec: EvalSpec, image_size: int) -> LabelledSet:
+def _from_manifest(spec: EvalSpec, image_size: int, crop: bool) -> LabelledSet:
   m = manifest_lib.load(spec.location, spec.split)
   items = [it for it in m.items if it.label is not None]
   if not items:
@@ -83,11 +83,12 @@ def _from_manifest(spec: EvalSpec, image_size: int) -> LabelledSet:
   items = items[:_limit(len(items), spec)]
   labels = np.asarray([it.label for it in items], np.int32)
   paths = [it.image for it in items]
-  images = ImageSet(paths, lambda i: manifest_lib.read_image(paths[i], image_size), image_size)
+  images = ImageSet(paths, lambda i: manifest_lib.read_image(paths[i], image_size, crop),
+                    image_size)
   return LabelledSet(m.name, images, labels, None, None)
 
 
-def _from_folder(spec: EvalSpec, image_size: int) -> LabelledSet:
+def _from_folder(spec: EvalSpec, image_size: int, crop: bool) -> LabelledSet:
   root = spec.location
   if not fileio.isdir(root):
     raise FileNotFoundError(f"eval {spec.text!r}: image folder {root!r} does not exist.")
@@ -104,13 +105,14 @@ def _from_folder(spec: EvalSpec, image_size: int) -> LabelledSet:
     labels += [label] * len(files)
   n = _limit(len(paths), spec)
   paths, labels = paths[:n], np.asarray(labels[:n], np.int32)
-  images = ImageSet(paths, lambda i: manifest_lib.read_image(paths[i], image_size), image_size)
+  images = ImageSet(paths, lambda i: manifest_lib.read_image(paths[i], image_size, crop),
+                    image_size)
   names = {"en": [c.replace("_", " ") for c in classes]}  # folder names as English names
   return LabelledSet(os.path.basename(root.rstrip("/")), images, labels, len(classes),
                      names)
 
 
-def _from_tfds(spec: EvalSpec, image_size: int) -> LabelledSet:
+def _from_tfds(spec: EvalSpec, image_size: int, crop: bool) -> LabelledSet:
   """Encoded images are kept in memory and decoded per batch (fine for CIFAR / ImageNet val
   on an eval host; the decoded pixels are never all held at once)."""
   import tensorflow_datasets as tfds
@@ -135,17 +137,20 @@ def _from_tfds(spec: EvalSpec, image_size: int) -> LabelledSet:
     labels.append(int(ex["label"]))
   name = f"{spec.location}/{split}"
   names = [f"{name}[{i}]" for i in range(len(encoded))]
-  images = ImageSet(names, lambda i: manifest_lib.decode_image(encoded[i], image_size, names[i]),
+  images = ImageSet(names, lambda i: manifest_lib.decode_image(encoded[i], image_size, names[i], crop),
                     image_size)
   classnames = {"en": [n.replace("_", " ") for n in label_feature.names]}
   return LabelledSet(spec.location, images, np.asarray(labels, np.int32),
                      label_feature.num_classes, classnames)
 
 
-def labelled_set(spec: EvalSpec, image_size: int) -> LabelledSet:
-  """The images and labels of a zeroshot spec (not 'embedded', which evaluate.py renders)."""
+def labelled_set(spec: EvalSpec, image_size: int, crop: bool = True) -> LabelledSet:
+  """The images and labels of a zeroshot spec (not 'embedded', which evaluate.py renders).
+
+  Images are resized and centre-cropped to `image_size` squares; with `crop=False` (NaFlex
+  models) each keeps its whole frame at its own size and aspect ratio."""
   load = {"manifest": _from_manifest, "folder": _from_folder, "tfds": _from_tfds}[spec.kind]
-  return load(spec, image_size)
+  return load(spec, image_size, crop)
 
 
 @dataclasses.dataclass
@@ -156,9 +161,11 @@ class CaptionedSet:
   languages: list[str]                  # languages with captions, first-seen order
 
 
-def captioned_set(spec: EvalSpec, image_size: int) -> CaptionedSet:
+def captioned_set(spec: EvalSpec, image_size: int, crop: bool = True) -> CaptionedSet:
+  """The images and captions of a retrieval manifest; `crop` as in `labelled_set`."""
   m = manifest_lib.load(spec.location, spec.split)
   items = list(m.items[:_limit(len(m.items), spec)])
   paths = [it.image for it in items]
-  images = ImageSet(paths, lambda i: manifest_lib.read_image(paths[i], image_size), image_size)
+  images = ImageSet(paths, lambda i: manifest_lib.read_image(paths[i], image_size, crop),
+                    image_size)
   return CaptionedSet(m.name, images, [dict(it.captions) for it in items], m.languages)

@@ -27,7 +27,7 @@ class Evaluator:
 
   def __init__(self, spec: specs.EvalSpec, towers: towers_lib.Towers, model_name: str):
     self.spec, self.towers, self.model_name = spec, towers, model_name
-    data = datasets.captioned_set(spec, towers.image_size)
+    data = datasets.captioned_set(spec, towers.image_size, towers.crop)
     self.name = spec.options.get("name", data.name)
     self.images = data.images
     unknown = sorted(set(spec.languages or []) - set(data.languages))

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from big_clip import sharding
-from big_clip.data import pipeline
+from big_clip.data import files, pipeline
 from big_clip.evals import datasets
 from big_clip.evals import metrics as metrics_lib
 
@@ -31,6 +31,9 @@ class Towers:
   # (params, images, boxes [B, R, 4]) -> region embeddings [B, R, D]; None without a
   # region prompter (config.model.region.depth = 0).
   region_fn: Callable | None = None
+  # Eval images are centre-cropped squares, except for NaFlex models (config.data.max_patches
+  # > 0), which see each image whole at its own aspect ratio, as in training.
+  crop: bool = True
 
   @classmethod
   def build(cls, config: ml_collections.ConfigDict, tokenizer, graphdef: nnx.GraphDef,
@@ -41,7 +44,8 @@ class Towers:
       region_fn = (jax.jit(lambda p, x, b: nnx.merge(graphdef, p).encode_image_regions(x, b))
                    if config.model.region.depth > 0 else None)
     return cls(image_fn, text_fn, mesh, tokenizer, config.eval.batch_size,
-               config.data.image_size, config.data, region_fn)
+               config.data.image_size, config.data, region_fn,
+               crop=files.naflex_setting(config.data) is None)
 
   def images(self, params, images: datasets.ImageSet, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """([N, D] embeddings, [N] bool: decoded fine); failed images are warned about by name."""

@@ -68,7 +68,7 @@ class Evaluator:
       classnames = {l: embedded.zeroshot_classnames(embedded_task, l) for l in self.languages}
       templates = {l: embedded.zeroshot_templates(embedded_task, l) for l in self.languages}
     else:
-      data = datasets.labelled_set(spec, towers.image_size)
+      data = datasets.labelled_set(spec, towers.image_size, towers.crop)
       self.name = spec.options.get("name", data.name)
       self.images, self.labels = data.images, data.labels
       path = spec.options.get("classnames")
