@@ -8,7 +8,7 @@ filled with its border colour; the models then see those canvases through `big_c
 ratio). The square images themselves are the baseline.
 
   python -m benchmarks.naflex_aspect --square /tmp/naflex_proof/square \
-      --naflex /tmp/naflex_proof/naflex --n 240
+      --naflex /tmp/naflex_proof/naflex --n 240 --max_patches 192
 """
 
 from __future__ import annotations
@@ -50,9 +50,17 @@ def main() -> None:
   parser.add_argument("--square", required=True, help="workdir of the fixed-resolution model")
   parser.add_argument("--naflex", required=True, help="workdir of the NaFlex model")
   parser.add_argument("--n", type=int, default=240, help="held-out images per task")
+  parser.add_argument("--max_patches", default="",
+                      help="comma-separated token budgets to also run the NaFlex model at "
+                           "(NaFlex takes any budget at inference), e.g. 192")
   args = parser.parse_args()
   models = {"square (centre crop)": big_clip.load(args.square),
             "NaFlex": big_clip.load(args.naflex)}
+  trained = models["NaFlex"].config.data.max_patches
+  for budget in filter(None, args.max_patches.split(",")):
+    model = big_clip.load(args.naflex)
+    model.config.data.max_patches = int(budget)  # the towers read this config's data
+    models[f"NaFlex at {budget} patches (trained at {trained})"] = model
   size = models["square (centre crop)"].config.data.image_size
   print("| model | task | square images | 1:3..3:1 canvases, object at an end |")
   print("|---|---|---|---|")
