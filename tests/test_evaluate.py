@@ -438,3 +438,14 @@ def test_shipped_label_files_are_well_formed():
   groups = labels.load_groups(os.path.join(labels.DATA_DIR, "cifar10_language_groups.json"),
                               langs)
   assert sorted(l for g in groups.values() for l in g) == sorted(langs)
+
+
+def test_an_image_set_decodes_each_image_of_a_batch_once():
+  """A padded batch repeats its last row; decoding that image once (not in two threads at
+  the same time, which breaks a lazily opened PIL image) and handing it out twice."""
+  calls = []
+  images = datasets.ImageSet(["a", "b"], lambda i: calls.append(i) or np.full((2, 2, 3), i,
+                                                                              np.uint8), 2)
+  batch = images[np.array([0, 1, 1, 1])]
+  assert sorted(calls) == [0, 1]
+  assert batch.shape == (4, 2, 2, 3) and batch[:, 0, 0, 0].tolist() == [0, 1, 1, 1]

@@ -46,8 +46,12 @@ class ImageSet:
   def __getitem__(self, index: np.ndarray) -> np.ndarray | list[np.ndarray]:
     """uint8 [n, S, S, 3]; a list when the loader keeps each image's own size (NaFlex)."""
     index = np.asarray(index).reshape(-1)
+    # Each image once: a padded batch repeats its last row, and two threads decoding one
+    # lazily opened PIL image at the same time break it.
+    unique, inverse = np.unique(index, return_inverse=True)
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-      images = list(pool.map(self._one, index.tolist()))
+      decoded = list(pool.map(self._one, unique.tolist()))
+    images = [decoded[i] for i in inverse.reshape(-1)]
     return np.stack(images) if len({x.shape for x in images}) <= 1 else images
 
 
