@@ -86,7 +86,7 @@ class Model:
       images = list(images)
     images = list(images)
 
-    crop = not self.config.data.get("max_patches", 0)  # NaFlex: the whole image, any shape
+    crop = self.towers.crop  # NaFlex: the whole image, any shape
 
     def load(i: int) -> np.ndarray:
       return to_pixels(images[i], size, crop)

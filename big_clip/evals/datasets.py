@@ -141,7 +141,8 @@ def _from_tfds(spec: EvalSpec, image_size: int, crop: bool) -> LabelledSet:
     labels.append(int(ex["label"]))
   name = f"{spec.location}/{split}"
   names = [f"{name}[{i}]" for i in range(len(encoded))]
-  images = ImageSet(names, lambda i: manifest_lib.decode_image(encoded[i], image_size, names[i], crop),
+  images = ImageSet(names,
+                    lambda i: manifest_lib.decode_image(encoded[i], image_size, names[i], crop),
                     image_size)
   classnames = {"en": [n.replace("_", " ") for n in label_feature.names]}
   return LabelledSet(spec.location, images, np.asarray(labels, np.int32),
