@@ -220,8 +220,11 @@ def count_hlo(hlo_text: str) -> HloCounts:
   """Dot/convolution FLOPs and collectives of an optimized HLO module, per execution: every
   computation weighted by how often its callers run it (while bodies: their trip count).
 
-  An asynchronous collective appears as a start, a continuation and a done (each inside its
-  own fusion, all with the channel id of the one transfer): it is counted once per channel.
+  An asynchronous collective on TPU appears as a start, continuations and a done, each a
+  fusion whose computation holds the collective with the channel id of the one transfer: inside
+  fusions a collective is counted once per channel. Outside fusions every instruction is its
+  own transfer, even where several share a channel id (TPU HLO gives the synchronous
+  all-to-alls of every MoE layer channel 1); a GPU-style `-done` counts the `-start` it waits on.
   """
   comps: dict[str, list[tuple[str, str, str, str]]] = {}
   shapes: dict[str, dict[str, str]] = {}
@@ -263,6 +266,9 @@ def count_hlo(hlo_text: str) -> HloCounts:
             visit(callee, w * trip, depth + 1)
 
   visit(entry, 1.0)
+  fused = {callee.strip().lstrip("%") for instrs in comps.values()
+           for _, _, op, rest in instrs if op == "fusion"
+           for group in _CALLS.findall(rest) for callee in group.strip("{}").split(",")}
   flops = 0.0
   seen: dict[tuple[str, str], tuple[float, int]] = {}  # (kind, channel) -> (weight, bytes)
   for comp, w in weight.items():
@@ -273,8 +279,8 @@ def count_hlo(hlo_text: str) -> HloCounts:
       kind = op[:-len("-done")] if op.endswith("-done") else op
       if kind not in COLLECTIVES or op.endswith("-start"):
         continue
-      channel = re.search(r"channel_id=(\d+)", rest)
-      key = (kind, channel.group(1) if channel else f"{comp}/{name}")
+      channel = re.search(r"channel_id=(\d+)", rest) if comp in fused else None
+      key = (kind, f"channel:{channel.group(1)}" if channel else f"{comp}/{name}")
       if op.endswith("-done"):  # its operand is the start: look the channel up there
         start = _operands(rest)[:1]
         key = (kind, f"start:{comp}/{start[0] if start else name}")

@@ -19,7 +19,8 @@ embedded data, for a CPU smoke test.
 Compiled for a v5e-256 (python -m big_clip.plan --config configs/clip_moe.py --topology
 v5e:16x16; benchmarks/RESULTS.md): 3.71 GiB per chip of 16 (temporaries 2.91 GiB) with the
 shard_map all-to-all dispatch (moe.dispatch='all_to_all'); per chip and step 740 MiB of
-all-gathers (the FSDP weights), 159 MiB of all-reduces, 64 MiB of ring permutes. With
+all-gathers (the FSDP weights), 160 MiB of all-reduces, 192 MiB of ring permutes and
+4.1 GiB of expert all-to-alls (72: 12 MoE layers x 2 forward, 2 remat, 2 backward). With
 GSPMD's einsum dispatch it did not fit: 18.1 GiB (17.0 with optim.grad_accum_steps=2, and
 ~860 GiB of all-gathers: the router logits and slot masks gathered over the batch).
 """

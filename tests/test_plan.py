@@ -10,7 +10,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 pytest.importorskip("libtpu", reason="needs libtpu: pip install -r requirements-tpu.txt")
 
@@ -89,3 +93,65 @@ def test_does_not_fit_exits_nonzero_naming_the_fix(tmp_path):
 def test_unknown_topology_is_one_line():
   with pytest.raises(planning.TopologyError, match="v5e:16x16"):
     planning.topology_devices("tpu7:2x2")
+
+
+def test_collectives_that_share_a_channel_id_are_counted_each():
+  """The TPU compiler gives every synchronous all-to-all channel 1 (clip_moe's 72 per-layer
+  exchanges were counted as one); the ring's permutes are counted once per hop."""
+  mesh = Mesh(np.array(planning.topology_devices("v5e:2x2")), ("x",))
+  block = jax.ShapeDtypeStruct((4 * 128, 256), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+  nbytes = 128 * 256 * 4  # one chip's block
+
+  def exchanges(x):
+    for _ in range(3):
+      x = jax.lax.all_to_all(x, "x", 0, 0, tiled=True) * 2.0
+    return x
+
+  def ring(a, b):  # 5 hops, two blocks moved per hop
+    def hop(_, carry):
+      a, b, acc = carry
+      a = jax.lax.ppermute(a, "x", [(i, (i + 1) % 4) for i in range(4)])
+      b = jax.lax.ppermute(b, "x", [(i, (i + 1) % 4) for i in range(4)])
+      return a, b, acc + jnp.sum(a * b)
+    return jax.lax.fori_loop(0, 5, hop, (a, b, 0.0 * a[0, 0]))[2][None]
+
+  for fn, args, kind, count in ((exchanges, (block,), "all-to-all", 3),
+                                (ring, (block, block), "collective-permute", 10)):
+    specs = tuple(P("x") for _ in args)
+    step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("x")))
+    counted = planning.count_hlo(step.lower(*args).compile().as_text()).collectives[kind]
+    assert counted == {"count": count, "bytes": count * nbytes}, (kind, counted)
+
+
+ASYNC_HLO = """HloModule m
+
+%fused_computation.1 (param_0.1: bf16[1,24]) -> bf16[32,24] {
+  %param_0.1 = bf16[1,24]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[32,24]{1,0} all-gather(%param_0.1), channel_id=5, dimensions={0}
+}
+
+%async_collective_fusion.2 (param_0.2: bf16[1,24]) -> bf16[32,24] {
+  %param_0.2 = bf16[1,24]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[32,24]{1,0} all-gather(%param_0.2), channel_id=5, dimensions={0}
+}
+
+%fused_computation.3 (param_0.3: bf16[1,24]) -> bf16[32,24] {
+  %param_0.3 = bf16[1,24]{1,0} parameter(0)
+  ROOT %all-gather.3 = bf16[32,24]{1,0} all-gather(%param_0.3), channel_id=5, dimensions={0}
+}
+
+ENTRY %main (p: bf16[1,24]) -> bf16[32,24] {
+  %p = bf16[1,24]{1,0} parameter(0)
+  %async-collective-start.1 = bf16[32,24]{1,0} fusion(%p), kind=kCustom, calls=%fused_computation.1
+  %fusion.2 = bf16[32,24]{1,0} fusion(%p), kind=kCustom, calls=%async_collective_fusion.2
+  %async-collective-done.1 = bf16[32,24]{1,0} fusion(%p), kind=kCustom, calls=%fused_computation.3
+  ROOT %a = bf16[32,24]{1,0} all-gather(%p), channel_id=5, dimensions={0}
+}
+"""
+
+
+def test_an_async_collective_split_over_fusions_is_counted_once():
+  # TPU HLO: one transfer = start, continuation and done fusions, each holding the collective
+  # with the transfer's channel id; a plain instruction with the same id is a second transfer.
+  counted = planning.count_hlo(ASYNC_HLO).collectives["all-gather"]
+  assert counted == {"count": 2, "bytes": 2 * 32 * 24 * 2}
