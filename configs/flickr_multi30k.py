@@ -13,8 +13,9 @@ caption of its image (data.pair_language='en', loss.text_pair_weight=1), which t
 six languages that have one caption per image to English's five -- lifted val R@5 from
 25-26% to 30-33%; mirror flips and a wider crop range helped a little; an early-convolution
 stem (model.image.stem='conv'), mean pooling, a weight EMA (optim.ema_decay=0.99), a
-captioning decoder (loss.caption.weight=1), heavier caption pairs, twice the steps and twice
-the batch did not (val within noise; benchmarks/RESULTS.md).
+captioning decoder (loss.caption.weight=1), heavier caption pairs, twice the steps, twice
+the batch, weight decay 0.5, patch dropout 0.5, 96-px input and the sigmoid loss did not
+(val within noise; benchmarks/RESULTS.md).
 
   python -m big_clip.train --config configs/flickr_multi30k.py --workdir /tmp/big_clip_flickr
   python -m big_clip.evaluate --config configs/flickr_multi30k.py --workdir /tmp/big_clip_flickr
