@@ -210,6 +210,12 @@ def _trip_count(rest: str, comps: dict[str, list[tuple[str, str, str, str]]]) ->
   return 1
 
 
+def _callees(rest: str) -> list[str]:
+  """The computations an instruction calls (fusion, while body and condition, reducers...)."""
+  return [callee.strip() for group in _CALLS.findall(rest)
+          for callee in group.strip("{}").replace("%", "").split(",") if callee.strip()]
+
+
 @dataclasses.dataclass
 class HloCounts:
   flops: float
@@ -259,16 +265,12 @@ def count_hlo(hlo_text: str) -> HloCounts:
     weight[comp] = weight.get(comp, 0.0) + w
     for _, _, op, rest in comps[comp]:
       trip = _trip_count(rest, comps) if op == "while" else 1
-      for group in _CALLS.findall(rest):
-        for callee in group.strip("{}").replace("%", "").split(","):
-          callee = callee.strip()
-          if callee:
-            visit(callee, w * trip, depth + 1)
+      for callee in _callees(rest):
+        visit(callee, w * trip, depth + 1)
 
   visit(entry, 1.0)
-  fused = {callee.strip().lstrip("%") for instrs in comps.values()
-           for _, _, op, rest in instrs if op == "fusion"
-           for group in _CALLS.findall(rest) for callee in group.strip("{}").split(",")}
+  fused = {callee for instrs in comps.values() for _, _, op, rest in instrs if op == "fusion"
+           for callee in _callees(rest)}
   flops = 0.0
   seen: dict[tuple[str, str], tuple[float, int]] = {}  # (kind, channel) -> (weight, bytes)
   for comp, w in weight.items():

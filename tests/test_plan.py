@@ -108,10 +108,11 @@ def test_collectives_that_share_a_channel_id_are_counted_each():
     return x
 
   def ring(a, b):  # 5 hops, two blocks moved per hop
+    right = [(i, (i + 1) % 4) for i in range(4)]
+
     def hop(_, carry):
       a, b, acc = carry
-      a = jax.lax.ppermute(a, "x", [(i, (i + 1) % 4) for i in range(4)])
-      b = jax.lax.ppermute(b, "x", [(i, (i + 1) % 4) for i in range(4)])
+      a, b = jax.lax.ppermute(a, "x", right), jax.lax.ppermute(b, "x", right)
       return a, b, acc + jnp.sum(a * b)
     return jax.lax.fori_loop(0, 5, hop, (a, b, 0.0 * a[0, 0]))[2][None]
 
